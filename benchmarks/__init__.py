@@ -1,0 +1,1 @@
+"""Macro benchmarks of l4lb against a direct connection and other TCP proxies."""

@@ -1,0 +1,5 @@
+import sys
+
+from l4lb.cli import main
+
+sys.exit(main())

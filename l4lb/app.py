@@ -1,0 +1,301 @@
+"""The composition root of ``l4lb run``: config, data plane, admin API, signals.
+
+Lifecycle:
+1. Load and validate the config (a bad one never starts anything).
+2. Raise the open-file limit, start the data plane's worker threads and program every
+   service; a service that cannot be programmed (its address is taken, say) is logged and
+   the others still run.
+3. Serve the admin API, then write the ready file.
+4. SIGHUP re-reads the file and applies only the difference; a bad file is logged and the
+   running config stays. SIGTERM/SIGINT stop accepting, wait for open connections up to the
+   drain timeout, then reset what is left and exit 0.
+
+Runtime changes made through the admin API (weights, drain) last until the next reload,
+which applies the file as written, as ``ipvsadm`` changes do under keepalived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from l4lb import _version
+from l4lb.admin import AdminServer
+from l4lb.config import Config, ConfigError, load_config
+from l4lb.dataplane import Dataplane
+from l4lb.state import Override, ServiceSpec, desired_state, plan
+
+log = logging.getLogger("l4lb")
+
+DRAIN_POLL = 0.05
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit as far as allowed; returns the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as e:
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, target, e)
+    # A proxied connection costs two sockets, and up to four pipe fds while data flows.
+    if wanted and soft < 2 * wanted + 64:
+        log.warning(
+            "open-file limit %d is below what dataplane.max_connections = %d needs (%d)",
+            soft,
+            wanted,
+            2 * wanted + 64,
+        )
+    return soft
+
+
+class App:
+    """One running ``l4lb run``: implements the admin API's Controller protocol."""
+
+    def __init__(
+        self, config_path: str, *, workers: int | None = None, ready_file: str | None = None
+    ) -> None:
+        self.config_path = config_path
+        self.workers_override = workers
+        self.ready_file = ready_file
+        self.config: Config | None = None
+        self.dataplane: Dataplane | None = None
+        self.admin: AdminServer | None = None
+        self.applied: dict[str, ServiceSpec] = {}
+        self.overrides: dict[tuple[str, str], Override] = {}
+        self.failed: dict[str, str] = {}
+        self.started = time.monotonic()
+        self.fd_limit = 0
+        self._serving = False
+        self._stop: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; returns the process exit code."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("%s", e)
+            return 2
+        self.config = cfg
+        dpc = cfg.dataplane
+        workers = self.workers_override or dpc.workers or os.cpu_count() or 1
+        self.fd_limit = raise_fd_limit(dpc.max_connections)
+        self.dataplane = Dataplane(
+            workers=workers,
+            pipe_size=dpc.pipe_size,
+            max_pipes=dpc.max_pipes,
+            inactive_timeout=dpc.inactive_timeout,
+            reset_inactive_timeout=dpc.reset_inactive_timeout,
+            on_worker_exit=self._worker_exited,
+        )
+        self.dataplane.start()
+        try:
+            self._program(desired_state(cfg))
+            self.admin = AdminServer(self, cfg.admin.listen.host, cfg.admin.listen.port)
+            await self.admin.start()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._loop.add_signal_handler(sig, self._stop.set)
+            self._loop.add_signal_handler(signal.SIGHUP, self.reload)
+            self._serving = True
+            self._write_ready_file()
+            log.info(
+                "serving %d service(s) with %d worker(s); admin on %s:%d",
+                len(self.applied),
+                workers,
+                cfg.admin.listen.host,
+                self.admin.port,
+            )
+            await self._stop.wait()
+        finally:
+            self._serving = False
+            await self._shutdown()
+        return 0
+
+    def _worker_exited(self, index: int, error: BaseException | None) -> None:
+        if error is not None and self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def _shutdown(self) -> None:
+        dp = self.dataplane
+        if dp is not None:
+            dp.drain()
+            await self._wait_drained(dp)
+            dp.stop()
+        if self.admin is not None:
+            await self.admin.close()
+        if self.ready_file:
+            Path(self.ready_file).unlink(missing_ok=True)
+        log.info("stopped")
+
+    async def _wait_drained(self, dp: Dataplane) -> None:
+        """Wait until no service has open connections, each up to its drain timeout."""
+        start = time.monotonic()
+        while True:
+            elapsed = time.monotonic() - start
+            waiting = [
+                name
+                for name, spec in self.applied.items()
+                if elapsed < spec.drain_timeout and dp.active_connections(name) > 0
+            ]
+            if not waiting:
+                break
+            await asyncio.sleep(DRAIN_POLL)
+        left = dp.active_connections()
+        if left:
+            log.warning("drain timeout: resetting %d open connection(s)", left)
+
+    def _write_ready_file(self) -> None:
+        if not self.ready_file or self.dataplane is None or self.admin is None:
+            return
+        assert self.config is not None
+        host = self.config.admin.listen.host
+        doc = {
+            "pid": os.getpid(),
+            "admin": f"[{host}]:{self.admin.port}" if ":" in host else f"{host}:{self.admin.port}",
+            "services": {n: str(self.dataplane.listen_address(n)) for n in self.applied},
+        }
+        tmp = f"{self.ready_file}.tmp"
+        Path(tmp).write_bytes(orjson.dumps(doc))
+        os.replace(tmp, self.ready_file)
+
+    # ----------------------------------------------------------- programming
+
+    def _program(self, desired: dict[str, ServiceSpec]) -> None:
+        """Move the data plane from what it has to ``desired``."""
+        assert self.dataplane is not None
+        errors = self.dataplane.apply(plan(self.applied, desired))
+        # A service that failed is left out of what counts as applied, so the next
+        # reload tries it again from scratch.
+        programmed = set(self.dataplane.service_names())
+        self.applied = {n: s for n, s in desired.items() if n in programmed and n not in errors}
+        self.failed = errors
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file and apply the difference."""
+        try:
+            cfg = load_config(self.config_path)
+        except ConfigError as e:
+            log.error("reload rejected, keeping the running config: %s", e)
+            return
+        assert self.config is not None
+        if cfg.dataplane != self.config.dataplane:
+            log.warning("reload: [dataplane] changes take effect only after a restart")
+        if cfg.admin != self.config.admin:
+            log.warning("reload: [admin] changes take effect only after a restart")
+        self.config = cfg
+        self.overrides.clear()
+        self._program(desired_state(cfg))
+        self._write_ready_file()
+        log.info("reloaded %s: %d service(s)", self.config_path, len(self.applied))
+
+    # ------------------------------------------------- the admin controller
+
+    def is_serving(self) -> bool:
+        """True while the data plane runs and shutdown has not begun."""
+        return self._serving
+
+    def set_backend(
+        self, service: str, address: str, *, weight: int | None = None, drain: bool | None = None
+    ) -> dict[str, Any]:
+        """Change one backend's weight or drain flag at runtime."""
+        assert self.config is not None
+        try:
+            cfg_svc = self.config.service(service)
+        except KeyError:
+            raise LookupError(f"no service named {service!r}") from None
+        if not any(str(b.address) == address for b in cfg_svc.backends):
+            raise LookupError(f"service {service!r} has no backend {address}")
+        if weight is not None and not 0 <= weight <= 65535:
+            raise ValueError(f"weight must be from 0 to 65535, got {weight}")
+        key = (service, address)
+        old = self.overrides.get(key, Override())
+        self.overrides[key] = Override(
+            weight=old.weight if weight is None else weight,
+            drain=old.drain if drain is None else drain,
+        )
+        self._program(desired_state(self.config, self.overrides))
+        for b in self._service_doc(service)["backends"]:
+            if b["address"] == address:
+                return b
+        raise LookupError(f"service {service!r} has no backend {address}")
+
+    def snapshot(self) -> dict[str, Any]:
+        """Services, backends and counters as plain JSON-able data."""
+        dp = self.dataplane
+        stats = dp.stats() if dp else None
+        return {
+            "version": _version.__version__,
+            "uptime": round(time.monotonic() - self.started, 3),
+            "dataplane": {
+                "workers": dp.workers if dp else 0,
+                "pipes_used": stats.pipes_used if stats else 0,
+                "pipes_free": stats.pipes_free if stats else 0,
+                "accept_errors": stats.accept_errors if stats else 0,
+                "connections_active": stats.connections if stats else 0,
+                "fd_limit": self.fd_limit,
+            },
+            "services": [self._service_doc(name) for name in self.applied],
+            "failed": dict(self.failed),
+        }
+
+    def _service_doc(self, name: str) -> dict[str, Any]:
+        assert self.dataplane is not None and self.config is not None
+        dp = self.dataplane
+        spec = self.applied[name]
+        cfg_weights = {str(b.address): b.weight for b in self.config.service(name).backends}
+        dests = {str(d.address): d for d in spec.dests}
+        backends = []
+        total_in = total_out = 0
+        for addr in dp.dest_order(name):
+            st = dp.slot_stats(name, addr)
+            ov = self.overrides.get((name, addr), Override())
+            weight = ov.weight if ov.weight is not None else cfg_weights.get(addr, 0)
+            total_in += st.bytes_in
+            total_out += st.bytes_out
+            backends.append(
+                {
+                    "address": addr,
+                    "weight": weight,
+                    "effective_weight": dests[addr].weight if addr in dests else 0,
+                    "drain": ov.drain,
+                    "up": True,
+                    "overloaded": dp.overloaded(name, addr),
+                    "active": st.active,
+                    "inactive": st.inactive,
+                    "total": st.conns,
+                    "bytes_in": st.bytes_in,
+                    "bytes_out": st.bytes_out,
+                    "connect_errors": st.connect_errors,
+                }
+            )
+        sst = dp.service_stats(name)
+        return {
+            "name": name,
+            "listen": str(dp.listen_address(name)),
+            "protocol": spec.protocol,
+            "scheduler": spec.scheduler,
+            "affinity_timeout": spec.persist_timeout,
+            "active": sst.active,
+            "total": sst.accepted,
+            "bytes_in": total_in,
+            "bytes_out": total_out,
+            "rejected": sst.rejected,
+            "failed": sst.failed,
+            "limit_rejected": 0,
+            "backends": backends,
+        }

@@ -1,0 +1,627 @@
+"""Configuration: TOML file -> validated, immutable :class:`Config`.
+
+The file is read with :mod:`tomllib` and checked against a small table of field specs per
+section. Validation stops at the first mistake and reports it as one line naming the file,
+the key path and what is wrong, for example::
+
+    web.toml: services[0].backends[1].weight: must be an integer from 0 to 65535, got 70000
+
+Unknown keys are errors (with a "did you mean" hint), because a misspelt optional key would
+otherwise silently fall back to its default. Unknown keys are reported before missing
+required ones for the same reason: ``nmae = "web"`` should say so, not "name is missing".
+
+Addresses must be literal IPs: the load balancer never resolves names, so a reload cannot
+hang on DNS or change meaning when a record changes.
+
+Whatever the input, :func:`parse_config` and :func:`load_config` raise only
+:class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "SCHEDULERS",
+    "Address",
+    "AdminConfig",
+    "BackendConfig",
+    "Config",
+    "ConfigError",
+    "DataplaneConfig",
+    "ServiceConfig",
+    "load_config",
+    "parse_config",
+]
+
+SCHEDULERS: frozenset[str] = frozenset({"rr", "wrr", "lc", "wlc", "sh", "dh", "sed", "nq"})
+
+_MAX_PORT = 65535
+_MAX_WEIGHT = 65535
+_MAX_THRESHOLD = 65535
+_DAY = 86400.0
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; ``str(e)`` is the complete one-line message."""
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A literal ``IP:PORT`` (IPv4) or ``[IPv6]:PORT`` socket address."""
+
+    host: str
+    port: int
+    family: int
+
+    def __str__(self) -> str:
+        if self.family == socket.AF_INET6:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, *, allow_port_zero: bool = False) -> Address:
+        """Parse ``"1.2.3.4:80"`` or ``"[::1]:80"``; raise ValueError saying what is wrong.
+
+        The host is normalised (``"[0:0::1]:80"`` becomes ``::1``). Port 0 ("any free
+        port") is accepted only with ``allow_port_zero``, which is meant for listeners.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"address must be a string, got {type(text).__name__}")
+        host, port_text = _split_host_port(text)
+        ip = _parse_ip(text, host)
+        low = 0 if allow_port_zero else 1
+        if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+            raise ValueError(f"invalid address {_show_str(text)}: port must be a number")
+        port = int(port_text)
+        if not low <= port <= _MAX_PORT:
+            if port == 0:
+                reason = "port 0 (any free port) is only allowed for listen addresses"
+            else:
+                reason = f"port must be from {low} to {_MAX_PORT}"
+            raise ValueError(f"invalid address {_show_str(text)}: {reason}")
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+        return cls(host=str(ip), port=port, family=family)
+
+
+def _split_host_port(text: str) -> tuple[str, str]:
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or not text.startswith(":", end + 1):
+            raise ValueError(f"invalid address {_show_str(text)}: expected '[IPv6]:PORT'")
+        return text[1:end], text[end + 2 :]
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid address {_show_str(text)}: expected 'IP:PORT' (port missing)")
+    if ":" in host:
+        raise ValueError(
+            f"invalid address {_show_str(text)}: IPv6 addresses must be in brackets, "
+            "like '[::1]:80'"
+        )
+    return host, port
+
+
+def _parse_ip(text: str, host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if _looks_like_hostname(host):
+            reason = (
+                f"{_show_str(host)} is a hostname; use an IP address "
+                "(names are not resolved, so reloads never depend on DNS)"
+            )
+        else:
+            reason = f"{_show_str(host)} is not a valid IP address"
+        raise ValueError(f"invalid address {_show_str(text)}: {reason}") from None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        raise ValueError(
+            f"invalid address {_show_str(text)}: scoped IPv6 addresses (%zone) are not supported"
+        )
+    if text.startswith("[") and ip.version == 4:
+        raise ValueError(f"invalid address {_show_str(text)}: brackets are only for IPv6")
+    return ip
+
+
+_HOSTNAME_RE = re.compile(
+    r"(?=.*[A-Za-z])[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*\.?"
+)
+
+
+def _looks_like_hostname(host: str) -> bool:
+    return len(host) <= 253 and _HOSTNAME_RE.fullmatch(host) is not None
+
+
+# --------------------------------------------------------------------------- config types
+
+
+_DEFAULT_ADMIN_LISTEN = Address("127.0.0.1", 9901, socket.AF_INET)
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The ``[admin]`` table: where the admin HTTP API listens."""
+
+    listen: Address = _DEFAULT_ADMIN_LISTEN
+    token_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DataplaneConfig:
+    """The ``[dataplane]`` table: worker and resource settings shared by all services."""
+
+    workers: int = 0
+    pipe_size: int = 65536
+    max_pipes: int = 0
+    max_connections: int = 0
+    drain_timeout: float = 30.0
+    inactive_timeout: float = 120.0
+    reset_inactive_timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """One ``[[services.backends]]`` entry (an IPVS destination)."""
+
+    address: Address
+    weight: int = 1
+    upper_threshold: int = 0
+    lower_threshold: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """One ``[[services]]`` entry (an IPVS virtual service)."""
+
+    name: str
+    listen: Address
+    protocol: str = "tcp"
+    scheduler: str = "rr"
+    affinity_timeout: float = 0.0
+    affinity_netmask: int = 32
+    affinity_netmask6: int = 128
+    expire_quiescent: bool = False
+    sh_fallback: bool = False
+    sh_port: bool = False
+    connect_timeout: float = 3.0
+    idle_timeout: float = 900.0
+    drain_timeout: float | None = None
+    retries: int | None = None
+    backends: tuple[BackendConfig, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A complete, validated configuration."""
+
+    source: str
+    admin: AdminConfig
+    dataplane: DataplaneConfig
+    services: tuple[ServiceConfig, ...]
+
+    def service(self, name: str) -> ServiceConfig:
+        """Return the service called ``name``; raise KeyError if there is none."""
+        for svc in self.services:
+            if svc.name == name:
+                return svc
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate the TOML file at ``path``; raise ConfigError on any problem."""
+    source = os.fsdecode(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, col = _line_col(raw, e.start)
+        raise ConfigError(f"{source}: line {line}, column {col}: invalid UTF-8") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {_toml_error(e)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: arrays or tables are nested too deeply") from None
+    return parse_config(data, source=source)
+
+
+def _line_col(raw: bytes, offset: int) -> tuple[int, int]:
+    line_start = raw.rfind(b"\n", 0, offset) + 1
+    return raw.count(b"\n", 0, offset) + 1, offset - line_start + 1
+
+
+_TOML_POS_RE = re.compile(
+    r"(.*) \((?:at line (\d+), column (\d+)|at (end of document))\)", re.DOTALL
+)
+
+
+def _toml_error(e: tomllib.TOMLDecodeError) -> str:
+    msg = str(e)
+    m = _TOML_POS_RE.fullmatch(msg)
+    if m is None:
+        return msg
+    where = m[4] if m[4] else f"line {m[2]}, column {m[3]}"
+    return f"{where}: {m[1]}"
+
+
+def parse_config(data: Mapping[str, Any], *, source: str) -> Config:
+    """Validate already-parsed TOML data; ``source`` names the file in error messages."""
+    try:
+        return _parse_root(data, source)
+    except _Invalid as e:
+        raise ConfigError(f"{source}: {e.path}: {e.reason}") from None
+
+
+# --------------------------------------------------------------------------- machinery
+
+
+class _Invalid(Exception):
+    """The first mistake found: where it is and what is wrong."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(path, reason)
+        self.path = path
+        self.reason = reason
+
+
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key(parent: str, key: object) -> str:
+    """Append ``key`` to a dotted key path, quoting it the TOML way when needed."""
+    text = key if isinstance(key, str) and _BARE_KEY_RE.fullmatch(key) else _quote_key(key)
+    return f"{parent}.{text}" if parent else text
+
+
+def _quote_key(key: object) -> str:
+    text = key if isinstance(key, str) else repr(key)
+    escaped = text[:60].encode("unicode_escape").decode("ascii").replace('"', '\\"')
+    return f'"{escaped}{"..." if len(text) > 60 else ""}"'
+
+
+def _show_str(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+
+
+_TYPE_NAMES: dict[type, str] = {
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    str: "string",
+    list: "array",
+    tuple: "array",
+    dict: "table",
+}
+
+
+def _type_name(value: object) -> str:
+    for kind, name in _TYPE_NAMES.items():
+        if isinstance(value, kind):
+            return name
+    if isinstance(value, Mapping):
+        return "table"
+    return type(value).__name__
+
+
+def _show(value: object) -> str:
+    """Render a value for a message: short, single-line and in TOML spelling."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if value.bit_length() <= 200 else "a very large integer"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return _show_str(value)
+    return f"a value of type {_type_name(value)}"
+
+
+def _got(value: object) -> str:
+    """``got ...`` for a value of the wrong type (the type is named as well)."""
+    if isinstance(value, bool | int | float | str):
+        return f"got {_type_name(value)} {_show(value)}"
+    return f"got {_type_name(value)}"
+
+
+# A field checker turns a raw TOML value into the dataclass value or raises _Invalid.
+_Check = Callable[[object, str], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    key: str
+    check: _Check
+    required: bool = False
+
+
+def _integer(low: int, high: int, *, power_of_two: bool = False) -> _Check:
+    what = "a power of two" if power_of_two else "an integer"
+    expected = f"must be {what} from {low} to {high}"
+
+    def check(value: object, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(path, f"{expected}, {_got(value)}")
+        if not low <= value <= high or (power_of_two and value & (value - 1)):
+            raise _Invalid(path, f"{expected}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _seconds(high: float, *, positive: bool = False) -> _Check:
+    """Seconds as a TOML integer or float; ``positive`` excludes 0."""
+    limit = f"{high:.0f}" if high.is_integer() else repr(high)
+    bounds = f"greater than 0 and at most {limit}" if positive else f"from 0 to {limit}"
+    expected = f"must be a number of seconds {bounds}"
+
+    def check(value: object, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(path, f"{expected}, {_got(value)}")
+        # Range-check before float(): an enormous int would overflow it.
+        ok = (value > 0 if positive else value >= 0) and value <= high
+        if not ok or (isinstance(value, float) and not math.isfinite(value)):
+            raise _Invalid(path, f"{expected}, got {_show(value)}")
+        return float(value)
+
+    return check
+
+
+def _boolean(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(path, f"must be true or false, {_got(value)}")
+    return value
+
+
+def _string(value: object, path: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(path, f"must be a string, {_got(value)}")
+    return value
+
+
+def _nonempty_string(value: object, path: str) -> str:
+    text = _string(value, path)
+    if not text or "\0" in text:
+        raise _Invalid(
+            path, f"must be a non-empty string without NUL characters, got {_show(text)}"
+        )
+    return text
+
+
+def _address(*, allow_port_zero: bool) -> _Check:
+    def check(value: object, path: str) -> Address:
+        text = _string(value, path)
+        try:
+            return Address.parse(text, allow_port_zero=allow_port_zero)
+        except ValueError as e:
+            raise _Invalid(path, str(e)) from None
+
+    return check
+
+
+def _optional(check: _Check) -> _Check:
+    # TOML has no null; None only arrives from callers building the mapping themselves.
+    def optional(value: object, path: str) -> Any:
+        return None if value is None else check(value, path)
+
+    return optional
+
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
+def _service_name(value: object, path: str) -> str:
+    name = _string(value, path)
+    if _NAME_RE.fullmatch(name) is None:
+        raise _Invalid(
+            path,
+            "must be 1 to 63 characters of letters, digits, '_', '.' or '-', "
+            f"starting with a letter or digit, got {_show(name)}",
+        )
+    return name
+
+
+def _protocol(value: object, path: str) -> str:
+    proto = _string(value, path)
+    if proto == "udp":
+        raise _Invalid(path, "udp services are not supported yet")
+    if proto != "tcp":
+        raise _Invalid(path, f"must be 'tcp', got {_show(proto)}")
+    return proto
+
+
+def _scheduler(value: object, path: str) -> str:
+    name = _string(value, path)
+    if name not in SCHEDULERS:
+        choices = ", ".join(sorted(SCHEDULERS))
+        hint = _did_you_mean(name, SCHEDULERS) or f" (expected one of: {choices})"
+        raise _Invalid(path, f"unknown scheduler {_show(name)}{hint}")
+    return name
+
+
+def _netmask4(value: object, path: str) -> int:
+    expected = "must be a prefix length from 0 to 32 or a dotted mask like '255.255.255.0'"
+    if isinstance(value, str):
+        try:
+            mask = int(ipaddress.IPv4Address(value))
+        except ValueError:
+            raise _Invalid(path, f"{expected}, got {_show(value)}") from None
+        prefix = mask.bit_count()
+        if mask != (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF:
+            raise _Invalid(path, f"{_show(value)} is not a contiguous netmask")
+        return prefix
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(path, f"{expected}, {_got(value)}")
+    if not 0 <= value <= 32:
+        raise _Invalid(path, f"{expected}, got {_show(value)}")
+    return value
+
+
+def _did_you_mean(word: str, choices: Sequence[str] | frozenset[str]) -> str:
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _table(value: object, path: str) -> Mapping[Any, Any]:
+    if not isinstance(value, Mapping):
+        raise _Invalid(path, f"must be a table, {_got(value)}")
+    return value
+
+
+def _array_of_tables(value: object, path: str) -> list[Mapping[Any, Any]]:
+    if not isinstance(value, list | tuple):
+        header = re.sub(r"\[\d+\]", "", path)
+        raise _Invalid(path, f"must be an array of tables ([[{header}]]), {_got(value)}")
+    for i, item in enumerate(value):
+        _table(item, f"{path}[{i}]")
+    return list(value)
+
+
+def _fields(
+    table: Mapping[Any, Any], path: str, spec: Sequence[_Field], extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    """Check ``table`` against ``spec``; return the checked values of the keys present.
+
+    Keys in ``extra`` are allowed but left to the caller (nested tables).
+    """
+    known = [f.key for f in spec] + list(extra)
+    for key in table:
+        if key not in known:
+            hint = _did_you_mean(key, known) if isinstance(key, str) else ""
+            raise _Invalid(_key(path, key), f"unknown key{hint}")
+    values: dict[str, Any] = {}
+    for field in spec:
+        if field.key in table:
+            values[field.key] = field.check(table[field.key], _key(path, field.key))
+        elif field.required:
+            raise _Invalid(_key(path, field.key), "required key is missing")
+    return values
+
+
+# --------------------------------------------------------------------------- schema
+
+_ADMIN_FIELDS = (
+    _Field("listen", _address(allow_port_zero=True)),
+    _Field("token_file", _optional(_nonempty_string)),
+)
+
+_DATAPLANE_FIELDS = (
+    _Field("workers", _integer(0, 256)),
+    _Field("pipe_size", _integer(4096, 16 << 20, power_of_two=True)),
+    _Field("max_pipes", _integer(0, 1 << 20)),
+    _Field("max_connections", _integer(0, 1 << 30)),
+    _Field("drain_timeout", _seconds(_DAY)),
+    _Field("inactive_timeout", _seconds(_DAY)),
+    _Field("reset_inactive_timeout", _seconds(_DAY)),
+)
+
+_BACKEND_FIELDS = (
+    _Field("address", _address(allow_port_zero=False), required=True),
+    _Field("weight", _integer(0, _MAX_WEIGHT)),
+    _Field("upper_threshold", _integer(0, _MAX_THRESHOLD)),
+    _Field("lower_threshold", _integer(0, _MAX_THRESHOLD)),
+)
+
+_SERVICE_FIELDS = (
+    _Field("name", _service_name, required=True),
+    _Field("listen", _address(allow_port_zero=True), required=True),
+    _Field("protocol", _protocol),
+    _Field("scheduler", _scheduler),
+    _Field("affinity_timeout", _seconds(_DAY * 30)),
+    _Field("affinity_netmask", _netmask4),
+    _Field("affinity_netmask6", _integer(0, 128)),
+    _Field("expire_quiescent", _boolean),
+    _Field("sh_fallback", _boolean),
+    _Field("sh_port", _boolean),
+    _Field("connect_timeout", _seconds(3600.0, positive=True)),
+    _Field("idle_timeout", _seconds(_DAY * 7, positive=True)),
+    _Field("drain_timeout", _optional(_seconds(_DAY))),
+    _Field("retries", _optional(_integer(0, 100))),
+)
+
+_ROOT_KEYS = ("admin", "dataplane", "services")
+
+
+def _parse_root(data: object, source: str) -> Config:
+    if not isinstance(data, Mapping):
+        raise _Invalid("(top level)", f"must be a table, {_got(data)}")
+    _fields(data, "", (), extra=_ROOT_KEYS)
+    admin = AdminConfig(**_fields(_table(data.get("admin", {}), "admin"), "admin", _ADMIN_FIELDS))
+    dataplane = DataplaneConfig(
+        **_fields(_table(data.get("dataplane", {}), "dataplane"), "dataplane", _DATAPLANE_FIELDS)
+    )
+    tables = _array_of_tables(data.get("services", []), "services")
+    services = tuple(_parse_service(t, f"services[{i}]") for i, t in enumerate(tables))
+    _check_unique_services(services, admin)
+    return Config(source=source, admin=admin, dataplane=dataplane, services=services)
+
+
+def _parse_service(table: Mapping[Any, Any], path: str) -> ServiceConfig:
+    values = _fields(table, path, _SERVICE_FIELDS, extra=("backends",))
+    tables = _array_of_tables(table.get("backends", []), f"{path}.backends")
+    backends = tuple(_parse_backend(t, f"{path}.backends[{i}]") for i, t in enumerate(tables))
+    svc = ServiceConfig(**values, backends=backends)
+    for flag in ("sh_fallback", "sh_port"):
+        if getattr(svc, flag) and svc.scheduler != "sh":
+            raise _Invalid(
+                f"{path}.{flag}",
+                f"only meaningful with scheduler = 'sh' (scheduler is {svc.scheduler!r})",
+            )
+    seen: dict[Address, int] = {}
+    for i, backend in enumerate(backends):
+        first = seen.setdefault(backend.address, i)
+        if first != i:
+            raise _Invalid(
+                f"{path}.backends[{i}].address",
+                f"duplicate backend {backend.address} (also {path}.backends[{first}])",
+            )
+    return svc
+
+
+def _parse_backend(table: Mapping[Any, Any], path: str) -> BackendConfig:
+    backend = BackendConfig(**_fields(table, path, _BACKEND_FIELDS))
+    if backend.upper_threshold and backend.lower_threshold > backend.upper_threshold:
+        raise _Invalid(
+            f"{path}.lower_threshold",
+            f"must not exceed upper_threshold ({backend.upper_threshold}), "
+            f"got {backend.lower_threshold}",
+        )
+    return backend
+
+
+def _check_unique_services(services: Sequence[ServiceConfig], admin: AdminConfig) -> None:
+    names: dict[str, int] = {}
+    listens: dict[Address, str] = {}
+    # Port 0 asks the kernel for a fresh port per socket, so it cannot collide.
+    if admin.listen.port:
+        listens[admin.listen] = "admin.listen"
+    for i, svc in enumerate(services):
+        first = names.setdefault(svc.name, i)
+        if first != i:
+            raise _Invalid(
+                f"services[{i}].name",
+                f"duplicate service name {svc.name!r} (also services[{first}])",
+            )
+        if not svc.listen.port:
+            continue
+        owner = listens.get(svc.listen)
+        if owner is not None:
+            raise _Invalid(f"services[{i}].listen", f"{svc.listen} is already used by {owner}")
+        listens[svc.listen] = f"service {svc.name!r} (services[{i}].listen)"

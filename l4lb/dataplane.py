@@ -1,0 +1,332 @@
+"""The typed facade over the C data plane (the only importer of ``l4lb._dataplane``).
+
+It turns :class:`~l4lb.state.ServicePlan` operations into calls on the extension, owns the
+worker threads and the listening sockets until they are handed over, and maps the
+extension's numeric service and slot ids to names and addresses.
+
+Ids are never reused while anything in C may still refer to them: a removed service or
+destination is "retired" and its id comes back only once its counters say that no
+connection (active or in its inactive time) and no affinity template points at it. As in
+IPVS, re-adding an address that was just removed from a service revives the same slot,
+counters included.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from l4lb import _dataplane
+from l4lb.config import Address
+from l4lb.state import DestOp, ServicePlan, ServiceSpec
+
+log = logging.getLogger("l4lb.dataplane")
+
+LISTEN_BACKLOG = 4096
+
+
+class ServiceError(Exception):
+    """A service could not be (re)programmed; the other services are unaffected."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStats:
+    """Counters of one destination."""
+
+    active: int
+    inactive: int
+    conns: int
+    bytes_in: int
+    bytes_out: int
+    connect_errors: int
+    consecutive_failures: int
+    templates: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceStats:
+    """Counters of one service."""
+
+    accepted: int
+    active: int
+    rejected: int
+    failed: int
+    templates: int
+
+
+@dataclass(frozen=True, slots=True)
+class DataplaneStats:
+    """Counters summed over the workers."""
+
+    connections: int
+    pipes_used: int
+    pipes_free: int
+    accept_errors: int
+    emfile_pauses: int
+
+
+@dataclass(slots=True)
+class _Service:
+    id: int
+    spec: ServiceSpec
+    bound: Address  # the listen address with the real port (port 0 resolved)
+    slots: dict[str, int] = field(default_factory=dict)  # str(address) -> slot id
+
+
+def _bind_listeners(addr: Address, count: int) -> list[socket.socket]:
+    """``count`` SO_REUSEPORT sockets on one address (port 0: the first one's port)."""
+    socks: list[socket.socket] = []
+    port = addr.port
+    try:
+        for _ in range(count):
+            s = socket.socket(addr.family, socket.SOCK_STREAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if addr.family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s.bind((addr.host, port))
+            port = s.getsockname()[1]
+            s.listen(LISTEN_BACKLOG)
+            s.setblocking(False)
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+class Dataplane:
+    """Worker threads plus the service tables they forward by."""
+
+    def __init__(
+        self,
+        *,
+        workers: int,
+        pipe_size: int = 65536,
+        max_pipes: int = 0,
+        inactive_timeout: float = 120.0,
+        reset_inactive_timeout: float = 10.0,
+        splice: bool = True,
+        on_worker_exit: Callable[[int, BaseException | None], None] | None = None,
+    ) -> None:
+        self.workers = workers
+        self._dp = _dataplane.Dataplane(
+            workers,
+            pipe_size=pipe_size,
+            max_pipes=max_pipes,
+            inactive_timeout=inactive_timeout,
+            reset_inactive_timeout=reset_inactive_timeout,
+            splice=splice,
+        )
+        self._threads: list[threading.Thread] = []
+        self._services: dict[str, _Service] = {}
+        self._next_service = 0
+        self._retired_services: list[int] = []
+        self._next_slot = 0
+        self._retired_slots: dict[tuple[str, str], int] = {}  # (service, address) -> slot
+        self._on_worker_exit = on_worker_exit
+
+    # ------------------------------------------------------------------ threads
+
+    def start(self) -> None:
+        """Start one thread per worker."""
+        for i in range(self.workers):
+            t = threading.Thread(target=self._run, args=(i,), name=f"l4lb-worker-{i}")
+            t.start()
+            self._threads.append(t)
+
+    def _run(self, index: int) -> None:
+        error: BaseException | None = None
+        try:
+            self._dp.run_worker(index)
+        except BaseException as e:  # reported to the app, which shuts down
+            error = e
+            log.error("worker %d failed: %s", index, e)
+        if self._on_worker_exit is not None:
+            self._on_worker_exit(index, error)
+
+    def drain(self) -> None:
+        """Stop accepting; established connections go on."""
+        self._dp.drain()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Reset what is left and wait for the worker threads."""
+        self._dp.stop()
+        for t in self._threads:
+            t.join(timeout)
+        self._threads.clear()
+
+    # -------------------------------------------------------------- programming
+
+    def apply(self, plans: Iterable[ServicePlan]) -> dict[str, str]:
+        """Apply service plans in order; returns {service: error} for the ones that failed."""
+        self._reclaim()
+        errors: dict[str, str] = {}
+        for p in plans:
+            try:
+                self._apply_one(p)
+            except (OSError, ValueError, ServiceError) as e:
+                errors[p.name] = str(e)
+                log.error("service %s: %s", p.name, e)
+        return errors
+
+    def _apply_one(self, p: ServicePlan) -> None:
+        if p.action == "remove":
+            self._remove(p.name)
+            return
+        if p.action == "keep":
+            return
+        assert p.spec is not None
+        svc = self._services.get(p.name)
+        if svc is not None and p.listen_changed:
+            # A new key for IPVS means a new virtual service: the plan's ops rebuild
+            # it from scratch, and connections to the old listener go on.
+            socks = _bind_listeners(p.spec.listen, self.workers)
+            self._remove(p.name)
+            self._add(p.spec, p.ops, socks)
+            return
+        if svc is None:
+            self._add(p.spec, p.ops)
+            return
+        if p.settings_changed:
+            self._configure(svc.id, p.spec)
+        svc.spec = p.spec
+        self._apply_ops(svc, p.ops)
+
+    def _add(
+        self, spec: ServiceSpec, ops: Iterable[DestOp], socks: list[socket.socket] | None = None
+    ) -> None:
+        if socks is None:
+            socks = _bind_listeners(spec.listen, self.workers)
+        sid = self._retired_services.pop() if self._retired_services else self._new_service_id()
+        try:
+            self._configure(sid, spec)
+        except BaseException:
+            for s in socks:
+                s.close()
+            self._retired_services.append(sid)
+            raise
+        svc = _Service(sid, spec, spec.listen)
+        self._services[spec.name] = svc
+        try:
+            self._apply_ops(svc, ops)
+        except BaseException:
+            for s in socks:
+                s.close()
+            self._remove(spec.name)
+            raise
+        svc.bound = self._hand_over(sid, socks, spec.listen)
+
+    def _new_service_id(self) -> int:
+        sid = self._next_service
+        self._next_service += 1
+        return sid
+
+    def _configure(self, sid: int, spec: ServiceSpec) -> None:
+        self._dp.service_configure(
+            sid,
+            spec.scheduler,
+            flags=spec.flags,
+            persist_timeout=spec.persist_timeout,
+            netmask4=spec.persist_netmask,
+            netmask6=spec.persist_netmask6,
+            expire_quiescent=spec.expire_quiescent,
+            connect_timeout=spec.connect_timeout,
+            idle_timeout=spec.idle_timeout,
+            retries=spec.retries,
+        )
+
+    def _hand_over(self, sid: int, socks: list[socket.socket], want: Address) -> Address:
+        port = socks[0].getsockname()[1]
+        for i, s in enumerate(socks):
+            self._dp.add_listener(i, sid, s.detach())
+        return Address(want.host, port, want.family)
+
+    def _apply_ops(self, svc: _Service, ops: Iterable[DestOp]) -> None:
+        for op in ops:
+            key = str(op.dest.address)
+            d = op.dest
+            if op.kind == "add":
+                slot = self._retired_slots.pop((svc.spec.name, key), None)
+                if slot is None:
+                    slot = self._next_slot
+                    self._next_slot += 1
+                self._dp.dest_add(
+                    svc.id,
+                    slot,
+                    d.address.host,
+                    d.address.port,
+                    d.weight,
+                    d.upper_threshold,
+                    d.lower_threshold,
+                )
+                svc.slots[key] = slot
+            elif op.kind == "edit":
+                self._dp.dest_edit(
+                    svc.id, svc.slots[key], d.weight, d.upper_threshold, d.lower_threshold
+                )
+            else:
+                slot = svc.slots.pop(key)
+                self._dp.dest_del(svc.id, slot)
+                self._retired_slots[(svc.spec.name, key)] = slot
+
+    def _remove(self, name: str) -> None:
+        svc = self._services.pop(name, None)
+        if svc is None:
+            return
+        self._dp.remove_listeners(svc.id)
+        self._dp.service_clear(svc.id)
+        for key, slot in svc.slots.items():
+            self._retired_slots[(name, key)] = slot
+        self._retired_services.append(svc.id)
+
+    def _reclaim(self) -> None:
+        """Forget retired slots that nothing refers to any more (IPVS empties its trash)."""
+        for key, slot in list(self._retired_slots.items()):
+            st = self._dp.slot_stats(slot)
+            if st[0] == 0 and st[1] == 0 and st[7] == 0:
+                del self._retired_slots[key]
+        # Slot ids themselves are cheap; they are not recycled.
+
+    # ----------------------------------------------------------------- reading
+
+    def listen_address(self, name: str) -> Address:
+        """Where the service really listens (with port 0 resolved)."""
+        return self._services[name].bound
+
+    def dest_order(self, name: str) -> list[str]:
+        """The service's backend addresses in the data plane's (IPVS) list order."""
+        svc = self._services[name]
+        by_slot = {slot: key for key, slot in svc.slots.items()}
+        return [by_slot[s] for s in self._dp.dest_order(svc.id) if s in by_slot]
+
+    def service_stats(self, name: str) -> ServiceStats:
+        """Counters of one service."""
+        return ServiceStats(*self._dp.service_stats(self._services[name].id))
+
+    def slot_stats(self, name: str, address: str) -> SlotStats:
+        """Counters of one backend of one service."""
+        return SlotStats(*self._dp.slot_stats(self._services[name].slots[address]))
+
+    def overloaded(self, name: str, address: str) -> bool:
+        """Whether the backend is over its upper connection threshold."""
+        svc = self._services[name]
+        return self._dp.slot_overloaded(svc.id, svc.slots[address])
+
+    def stats(self) -> DataplaneStats:
+        """Counters summed over the workers."""
+        return DataplaneStats(*self._dp.worker_stats())
+
+    def active_connections(self, name: str | None = None) -> int:
+        """Open client connections of one service, or of all of them."""
+        if name is not None:
+            return self.service_stats(name).active
+        return sum(self.service_stats(n).active for n in self._services)
+
+    def service_names(self) -> list[str]:
+        """Names of the programmed services."""
+        return list(self._services)

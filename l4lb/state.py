@@ -1,0 +1,229 @@
+"""Desired data-plane state and the ordered diff that moves a sink from one state to another.
+
+Both sinks (the userspace splicer and kernel IPVS) are driven by the same ordered list of
+operations, shaped like ``ipvsadm`` commands. IPVS inserts each new destination at the
+head of its list and several schedulers (rr, wrr) walk that list, so the order of "add"
+operations decides the order in which backends are picked. Feeding both sinks the same
+operations keeps their destination lists, and therefore their choices, identical.
+
+Everything here is pure: no I/O, no clocks, no mutation of the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from l4lb.config import Address, Config, ServiceConfig
+
+__all__ = [
+    "FLAG_PERSISTENT",
+    "FLAG_SH_FALLBACK",
+    "FLAG_SH_PORT",
+    "DestOp",
+    "DestSpec",
+    "Override",
+    "ServicePlan",
+    "ServiceSpec",
+    "desired_state",
+    "plan",
+]
+
+# IPVS service flags (include/uapi/linux/ip_vs.h): IP_VS_SVC_F_PERSISTENT, _SCHED1, _SCHED2.
+FLAG_PERSISTENT = 0x1
+FLAG_SH_FALLBACK = 0x8
+FLAG_SH_PORT = 0x10
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """A runtime change to one backend, made through the admin API.
+
+    ``drain`` wins over ``weight``: a drained backend is programmed with weight 0.
+    """
+
+    weight: int | None = None
+    drain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DestSpec:
+    """One destination as it must be programmed (``weight`` is the effective weight)."""
+
+    address: Address
+    weight: int
+    upper_threshold: int
+    lower_threshold: int
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """One virtual service as it must be programmed, with every default resolved."""
+
+    name: str
+    listen: Address
+    protocol: str
+    scheduler: str
+    flags: int
+    persist_timeout: float
+    persist_netmask: int
+    persist_netmask6: int
+    expire_quiescent: bool
+    connect_timeout: float
+    idle_timeout: float
+    drain_timeout: float
+    retries: int
+    dests: tuple[DestSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DestOp:
+    """One destination command: ``ipvsadm -a`` / ``-e`` / ``-d``.
+
+    For "del" only ``dest.address`` matters.
+    """
+
+    kind: Literal["add", "edit", "del"]
+    dest: DestSpec
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePlan:
+    """What to do with one service, and the destination commands to run, in order.
+
+    Rules:
+
+    1. "add": create the service from ``spec``, then run ``ops`` (one "add" per dest, in
+       config order). ``listen_changed`` and ``settings_changed`` are False.
+    2. "remove": delete the service with all its dests; ``spec`` is None, ``ops`` empty.
+    3. "update" with ``listen_changed``: the service key (listen address or protocol)
+       changed, which IPVS can only do by deleting and re-creating the service. ``ops``
+       are therefore those of an added service.
+    4. "update" otherwise: apply the settings in place if ``settings_changed``, then run
+       ``ops``: "del" for dropped addresses (old order), "add" for new ones (config
+       order), "edit" for those whose weight or thresholds changed (config order).
+    5. "keep": nothing to do. Reordering backends in the config alone is not a change.
+    """
+
+    name: str
+    action: Literal["add", "update", "remove", "keep"]
+    spec: ServiceSpec | None
+    listen_changed: bool
+    settings_changed: bool
+    ops: tuple[DestOp, ...]
+
+
+def desired_state(
+    cfg: Config, overrides: Mapping[tuple[str, str], Override] | None = None
+) -> dict[str, ServiceSpec]:
+    """Resolve ``cfg`` and runtime ``overrides`` into specs, keyed by name in config order.
+
+    ``overrides`` is keyed by ``(service name, str(backend address))``; entries naming
+    no configured backend are ignored, so stale overrides are harmless.
+    """
+    overrides = overrides or {}
+    return {
+        svc.name: _service_spec(svc, cfg.dataplane.drain_timeout, overrides) for svc in cfg.services
+    }
+
+
+def _service_spec(
+    svc: ServiceConfig, default_drain: float, overrides: Mapping[tuple[str, str], Override]
+) -> ServiceSpec:
+    flags = 0
+    if svc.affinity_timeout > 0:
+        flags |= FLAG_PERSISTENT
+    if svc.sh_fallback:
+        flags |= FLAG_SH_FALLBACK
+    if svc.sh_port:
+        flags |= FLAG_SH_PORT
+    dests = []
+    for backend in svc.backends:
+        override = overrides.get((svc.name, str(backend.address)))
+        weight = backend.weight
+        if override is not None:
+            if override.drain:
+                weight = 0
+            elif override.weight is not None:
+                weight = override.weight
+        dests.append(
+            DestSpec(
+                address=backend.address,
+                weight=weight,
+                upper_threshold=backend.upper_threshold,
+                lower_threshold=backend.lower_threshold,
+            )
+        )
+    return ServiceSpec(
+        name=svc.name,
+        listen=svc.listen,
+        protocol=svc.protocol,
+        scheduler=svc.scheduler,
+        flags=flags,
+        persist_timeout=svc.affinity_timeout,
+        persist_netmask=svc.affinity_netmask,
+        persist_netmask6=svc.affinity_netmask6,
+        expire_quiescent=svc.expire_quiescent,
+        connect_timeout=svc.connect_timeout,
+        idle_timeout=svc.idle_timeout,
+        drain_timeout=default_drain if svc.drain_timeout is None else svc.drain_timeout,
+        retries=-1 if svc.retries is None else svc.retries,
+        dests=tuple(dests),
+    )
+
+
+def plan(old: Mapping[str, ServiceSpec], new: Mapping[str, ServiceSpec]) -> list[ServicePlan]:
+    """Return the plans that turn ``old`` into ``new``: services in ``new``'s order, then
+    the removed ones in ``old``'s order. See :class:`ServicePlan` for the rules.
+    """
+    plans = [_plan_service(old.get(name), spec) for name, spec in new.items()]
+    plans += [
+        ServicePlan(name, "remove", None, listen_changed=False, settings_changed=False, ops=())
+        for name in old
+        if name not in new
+    ]
+    return plans
+
+
+def _plan_service(old: ServiceSpec | None, new: ServiceSpec) -> ServicePlan:
+    if old is None:
+        return ServicePlan(new.name, "add", new, False, False, _add_all(new))
+    listen_changed = old.listen != new.listen or old.protocol != new.protocol
+    settings_changed = _settings(old) != _settings(new)
+    if listen_changed:
+        return ServicePlan(new.name, "update", new, True, settings_changed, _add_all(new))
+    ops = _dest_ops(old.dests, new.dests)
+    action: Literal["update", "keep"] = "update" if settings_changed or ops else "keep"
+    return ServicePlan(new.name, action, new, False, settings_changed, ops)
+
+
+def _add_all(spec: ServiceSpec) -> tuple[DestOp, ...]:
+    return tuple(DestOp("add", d) for d in spec.dests)
+
+
+def _settings(spec: ServiceSpec) -> tuple[object, ...]:
+    """Everything that ``ipvsadm -E`` (or its userspace equivalent) sets."""
+    return (
+        spec.protocol,
+        spec.scheduler,
+        spec.flags,
+        spec.persist_timeout,
+        spec.persist_netmask,
+        spec.persist_netmask6,
+        spec.expire_quiescent,
+        spec.connect_timeout,
+        spec.idle_timeout,
+        spec.drain_timeout,
+        spec.retries,
+    )
+
+
+def _dest_ops(old: tuple[DestSpec, ...], new: tuple[DestSpec, ...]) -> tuple[DestOp, ...]:
+    before = {d.address: d for d in old}
+    after = {d.address for d in new}
+    ops = [DestOp("del", d) for d in old if d.address not in after]
+    ops += [DestOp("add", d) for d in new if d.address not in before]
+    # Only a real change is an edit: wrr, sh and dh recompute their state on every edit.
+    ops += [DestOp("edit", d) for d in new if d.address in before and before[d.address] != d]
+    return tuple(ops)

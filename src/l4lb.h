@@ -1,0 +1,104 @@
+/* The data plane's C API.  Every function returns >= 0 or a negative errno
+ * unless stated otherwise; none of them touches Python. */
+#ifndef L4LB_H
+#define L4LB_H
+
+#include "service-t.h"
+#include "worker-t.h"
+
+/* ---- clock ---- */
+uint64_t l4_now_ms(void);
+
+/* ---- schedulers (sched_*.c) ---- */
+extern const struct l4_sched_ops l4_sched_rr, l4_sched_wrr, l4_sched_lc, l4_sched_wlc,
+	l4_sched_sed, l4_sched_nq, l4_sched_sh, l4_sched_dh;
+/* The scheduler called `name`, or NULL. */
+const struct l4_sched_ops *l4_sched_find(const char *name);
+
+/* ---- services and dests (service.c); all take the service lock ---- */
+void l4_service_init(struct l4_service *svc, uint32_t id);
+/* (Re)configure.  A different scheduler name re-runs init over the current
+ * dests (fresh state); the same name keeps its state, as IPVS does. */
+int l4_service_configure(struct l4_service *svc, const char *sched, uint32_t flags,
+			 uint32_t persist_timeout_ms, uint8_t netmask4, uint8_t netmask6,
+			 uint8_t expire_quiescent);
+/* Unlink every dest and mark the service unused.  Slots stay valid. */
+void l4_service_clear(struct l4_service *svc);
+int l4_dest_add(struct l4_service *svc, struct l4_slot *slot, int32_t weight, uint32_t u,
+		uint32_t l);
+int l4_dest_edit(struct l4_service *svc, struct l4_slot *slot, int32_t weight, uint32_t u,
+		 uint32_t l);
+int l4_dest_del(struct l4_service *svc, struct l4_slot *slot);
+/* Copy up to max dest slot ids in list order; returns the number of dests. */
+int l4_service_dest_ids(struct l4_service *svc, uint32_t *out, uint32_t max);
+/* The dest's OVERLOAD flag (§2), read under the lock. */
+int l4_slot_overloaded(struct l4_service *svc, struct l4_slot *slot);
+
+/* Choose and bind a dest for a new connection: persistence first (unless
+ * `retry`), then the scheduler; `exclude` lists slots already tried.  On
+ * success the slot's A, T and conns are incremented (IPVS bind) and
+ * *tmpl_out holds the controlling template (or NULL).  NULL = refuse. */
+struct l4_slot *l4_service_schedule(struct l4_service *svc, const struct l4_pick_ctx *ctx,
+				    const struct l4_slot *const *exclude, unsigned nexclude,
+				    int retry, uint64_t now_ms, struct l4_tmpl **tmpl_out);
+/* A connection left the active states (first FIN or RST): A -= 1. */
+void l4_slot_deactivate(struct l4_slot *slot);
+/* A connection's inactive time is over: T -= 1 (IPVS unbind, overload
+ * hysteresis) and its template loses a controlled connection. */
+void l4_service_unbind(struct l4_service *svc, struct l4_slot *slot, struct l4_tmpl *tmpl,
+		       uint64_t now_ms);
+
+/* ---- persistence templates (persist.c); called with the service lock held ---- */
+struct l4_persist *l4_persist_new(void);
+void l4_persist_free(struct l4_persist *p);
+/* A valid template for ctx's client (masked by the service netmask): its
+ * dest is still linked and, with expire_quiescent, has weight > 0.  Re-arms
+ * it (now + timeout) and returns its dest; an invalid one is discarded.
+ * NULL when there is none. */
+struct l4_slot *l4_persist_lookup(struct l4_service *svc, const struct l4_pick_ctx *ctx,
+				  uint64_t now_ms, struct l4_tmpl **tmpl_out);
+/* Create (or re-point, on a retry) the template for ctx's client to `slot`.
+ * NULL when out of memory: the connection then goes on without one. */
+struct l4_tmpl *l4_persist_bind(struct l4_service *svc, const struct l4_pick_ctx *ctx,
+				struct l4_slot *slot, uint64_t now_ms);
+/* A new connection is controlled by tmpl / one it controlled is gone. */
+void l4_tmpl_get(struct l4_tmpl *tmpl);
+void l4_tmpl_put(struct l4_service *svc, struct l4_tmpl *tmpl, uint64_t now_ms);
+/* Free templates whose time is over (IPVS: a template still controlling a
+ * connection when it expires is re-armed for 60 s). */
+void l4_persist_expire(struct l4_service *svc, uint64_t now_ms);
+/* Number of templates currently held. */
+uint32_t l4_persist_count(const struct l4_persist *p);
+
+/* ---- pipe pool (pipe_pool.c) ---- */
+struct l4_pipe *l4_pipe_get(struct l4_worker *w);
+void l4_pipe_put(struct l4_worker *w, struct l4_pipe *p);
+void l4_pipe_kill(struct l4_worker *w, struct l4_pipe *p);
+void l4_pipe_pool_flush(struct l4_worker *w);
+
+/* ---- workers (worker.c) ---- */
+/* The worker's event loop; returns when told to stop (0) or on a fatal
+ * epoll error (-errno).  Runs without the GIL for its whole life. */
+int l4_worker_run(struct l4_worker *w);
+/* Queue a command for the worker and wake it; thread-safe.  For
+ * L4_CMD_ADD_LISTENER the worker takes ownership of fd. */
+int l4_worker_command(struct l4_worker *w, int op, int fd, uint32_t svc_id);
+
+/* ---- the data plane object (dp.c) ---- */
+struct l4_dp *l4_dp_new(uint32_t nworkers, uint32_t max_services, uint32_t max_slots,
+			uint32_t pipe_size, uint32_t max_pipes, uint32_t inactive_ms,
+			uint32_t reset_inactive_ms, int use_splice);
+/* Only once every worker has returned from l4_worker_run. */
+void l4_dp_free(struct l4_dp *dp);
+/* The service with this id, created on first use; NULL if out of range. */
+struct l4_service *l4_dp_service_get(struct l4_dp *dp, uint32_t id);
+/* The service / slot with this id if it exists, else NULL. */
+struct l4_service *l4_dp_service(struct l4_dp *dp, uint32_t id);
+struct l4_slot *l4_dp_slot(struct l4_dp *dp, uint32_t id);
+/* Create or reset slot `id` for a backend address (must not be linked). */
+int l4_dp_slot_set(struct l4_dp *dp, uint32_t id, const struct sockaddr *addr, socklen_t len);
+/* Build a sockaddr_in / sockaddr_in6; returns its length. */
+socklen_t l4_sockaddr_fill(struct sockaddr_storage *ss, int family, const uint8_t *addr,
+			   uint16_t port);
+
+#endif

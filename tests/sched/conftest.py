@@ -1,0 +1,6 @@
+"""Scheduler tests: make the reference model and the C driver importable."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))

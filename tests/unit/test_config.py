@@ -1,0 +1,921 @@
+"""Tests for l4lb.config: every field's happy path, every kind of mistake, and fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from l4lb.config import (
+    SCHEDULERS,
+    Address,
+    AdminConfig,
+    BackendConfig,
+    Config,
+    ConfigError,
+    DataplaneConfig,
+    ServiceConfig,
+    load_config,
+    parse_config,
+)
+
+FULL = """
+[admin]
+listen = "[::1]:9999"
+token_file = "/etc/l4lb/token"
+
+[dataplane]
+workers = 4
+pipe_size = 1048576
+max_pipes = 512
+max_connections = 10000
+drain_timeout = 5
+inactive_timeout = 60.5
+reset_inactive_timeout = 2
+
+[[services]]
+name = "web"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+scheduler = "sh"
+affinity_timeout = 300
+affinity_netmask = "255.255.255.0"
+affinity_netmask6 = 64
+expire_quiescent = true
+sh_fallback = true
+sh_port = true
+connect_timeout = 1.5
+idle_timeout = 60
+drain_timeout = 7.5
+retries = 2
+
+[[services.backends]]
+address = "127.0.0.1:9001"
+weight = 3
+upper_threshold = 100
+lower_threshold = 50
+
+[[services.backends]]
+address = "[::1]:9002"
+weight = 0
+
+[[services]]
+name = "api.v2_x-1"
+listen = "[::]:0"
+affinity_netmask = 20
+"""
+
+MINIMAL_SERVICE = """
+[[services]]
+name = "web"
+listen = "127.0.0.1:8080"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "l4lb.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- happy paths
+
+
+def test_full_config_sets_every_field(tmp_path: Path) -> None:
+    path = write(tmp_path, FULL)
+    cfg = load_config(path)
+
+    assert cfg.source == str(path)
+    assert cfg.admin == AdminConfig(
+        listen=Address("::1", 9999, socket.AF_INET6), token_file="/etc/l4lb/token"
+    )
+    assert cfg.dataplane == DataplaneConfig(
+        workers=4,
+        pipe_size=1048576,
+        max_pipes=512,
+        max_connections=10000,
+        drain_timeout=5.0,
+        inactive_timeout=60.5,
+        reset_inactive_timeout=2.0,
+    )
+    web = cfg.service("web")
+    assert web == ServiceConfig(
+        name="web",
+        listen=Address("127.0.0.1", 8080, socket.AF_INET),
+        protocol="tcp",
+        scheduler="sh",
+        affinity_timeout=300.0,
+        affinity_netmask=24,
+        affinity_netmask6=64,
+        expire_quiescent=True,
+        sh_fallback=True,
+        sh_port=True,
+        connect_timeout=1.5,
+        idle_timeout=60.0,
+        drain_timeout=7.5,
+        retries=2,
+        backends=(
+            BackendConfig(Address("127.0.0.1", 9001, socket.AF_INET), 3, 100, 50),
+            BackendConfig(Address("::1", 9002, socket.AF_INET6), 0, 0, 0),
+        ),
+    )
+    other = cfg.service("api.v2_x-1")
+    assert other.listen == Address("::", 0, socket.AF_INET6)
+    assert other.affinity_netmask == 20
+    assert other.backends == ()
+    assert [s.name for s in cfg.services] == ["web", "api.v2_x-1"]
+
+
+def test_seconds_given_as_integers_become_floats(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, FULL))
+    assert type(cfg.dataplane.drain_timeout) is float
+    assert type(cfg.service("web").idle_timeout) is float
+    assert type(cfg.service("web").affinity_timeout) is float
+
+
+def test_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL_SERVICE))
+    assert cfg.admin == AdminConfig()
+    assert cfg.admin.listen == Address("127.0.0.1", 9901, socket.AF_INET)
+    assert cfg.admin.token_file is None
+    assert cfg.dataplane == DataplaneConfig()
+    assert cfg.dataplane.pipe_size == 65536
+    svc = cfg.service("web")
+    assert svc == ServiceConfig(name="web", listen=Address("127.0.0.1", 8080, socket.AF_INET))
+    assert (svc.protocol, svc.scheduler, svc.affinity_timeout) == ("tcp", "rr", 0.0)
+    assert (svc.affinity_netmask, svc.affinity_netmask6) == (32, 128)
+    assert (svc.connect_timeout, svc.idle_timeout) == (3.0, 900.0)
+    assert (svc.drain_timeout, svc.retries, svc.backends) == (None, None, ())
+    assert not (svc.expire_quiescent or svc.sh_fallback or svc.sh_port)
+
+
+def test_empty_file_is_a_valid_config(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, ""))
+    assert cfg.services == ()
+    assert cfg.dataplane == DataplaneConfig()
+
+
+def test_documented_shape(tmp_path: Path) -> None:
+    text = """
+[admin]
+listen = "127.0.0.1:9901"
+[dataplane]
+workers = 2
+[[services]]
+name = "web"
+listen = "127.0.0.1:8080"
+protocol = "tcp"
+scheduler = "rr"
+affinity_timeout = 0
+[[services.backends]]
+address = "127.0.0.1:9001"
+weight = 1
+"""
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.dataplane.workers == 2
+    assert cfg.service("web").backends == (
+        BackendConfig(Address("127.0.0.1", 9001, socket.AF_INET), weight=1),
+    )
+
+
+def test_inline_tables_are_accepted(tmp_path: Path) -> None:
+    text = (
+        'services = [{name = "a", listen = "127.0.0.1:1", backends = [{address = "10.0.0.1:2"}]}]'
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert cfg.service("a").backends[0].address == Address("10.0.0.1", 2, socket.AF_INET)
+
+
+@pytest.mark.parametrize("scheduler", sorted(SCHEDULERS))
+def test_every_scheduler_is_accepted(scheduler: str) -> None:
+    cfg = parse_config(
+        {"services": [{"name": "s", "listen": "127.0.0.1:1", "scheduler": scheduler}]},
+        source="x.toml",
+    )
+    assert cfg.service("s").scheduler == scheduler
+
+
+@pytest.mark.parametrize(
+    ("mask", "prefix"),
+    [("0.0.0.0", 0), ("128.0.0.0", 1), ("255.255.255.0", 24), ("255.255.255.255", 32), (0, 0)],
+)
+def test_netmask_forms(mask: object, prefix: int) -> None:
+    data = {"services": [{"name": "s", "listen": "127.0.0.1:1", "affinity_netmask": mask}]}
+    assert parse_config(data, source="x.toml").service("s").affinity_netmask == prefix
+
+
+def test_lower_threshold_may_exceed_zero_upper() -> None:
+    # upper 0 means "no limit", so the lower threshold is not compared with it.
+    backend = {"address": "127.0.0.1:2", "lower_threshold": 5}
+    data = {"services": [{"name": "s", "listen": "127.0.0.1:1", "backends": [backend]}]}
+    assert parse_config(data, source="x.toml").service("s").backends[0].lower_threshold == 5
+
+
+def test_port_zero_listeners_do_not_collide() -> None:
+    data = {
+        "admin": {"listen": "127.0.0.1:0"},
+        "services": [
+            {"name": "a", "listen": "127.0.0.1:0"},
+            {"name": "b", "listen": "127.0.0.1:0"},
+        ],
+    }
+    assert len(parse_config(data, source="x.toml").services) == 2
+
+
+def test_same_backend_in_two_services_is_fine() -> None:
+    backends = [{"address": "127.0.0.1:9"}]
+    data = {
+        "services": [
+            {"name": "a", "listen": "127.0.0.1:1", "backends": backends},
+            {"name": "b", "listen": "127.0.0.1:2", "backends": backends},
+        ]
+    }
+    assert len(parse_config(data, source="x.toml").services) == 2
+
+
+def test_service_lookup_raises_key_error() -> None:
+    cfg = parse_config({}, source="x.toml")
+    with pytest.raises(KeyError):
+        cfg.service("nope")
+
+
+def test_values_are_frozen(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, FULL))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.services[0].name = "other"  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.admin.listen = Address("127.0.0.1", 1, socket.AF_INET)  # type: ignore[misc]
+
+
+def test_load_config_accepts_str_path(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL_SERVICE)
+    assert load_config(str(path)).source == str(path)
+
+
+# ----------------------------------------------------------------------------- Address
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port", "family", "shown"),
+    [
+        ("127.0.0.1:80", "127.0.0.1", 80, socket.AF_INET, "127.0.0.1:80"),
+        ("[::1]:443", "::1", 443, socket.AF_INET6, "[::1]:443"),
+        ("[0:0:0::0:1]:1", "::1", 1, socket.AF_INET6, "[::1]:1"),
+        ("[2001:DB8::A]:65535", "2001:db8::a", 65535, socket.AF_INET6, "[2001:db8::a]:65535"),
+        ("0.0.0.0:8080", "0.0.0.0", 8080, socket.AF_INET, "0.0.0.0:8080"),
+    ],
+)
+def test_address_parse(text: str, host: str, port: int, family: int, shown: str) -> None:
+    addr = Address.parse(text)
+    assert (addr.host, addr.port, addr.family) == (host, port, family)
+    assert str(addr) == shown
+    assert Address.parse(str(addr)) == addr
+
+
+def test_address_port_zero_needs_permission() -> None:
+    assert Address.parse("127.0.0.1:0", allow_port_zero=True).port == 0
+    with pytest.raises(ValueError, match="only allowed for listen"):
+        Address.parse("127.0.0.1:0")
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("localhost:80", "'localhost' is a hostname; use an IP address"),
+        ("db.example.com:5432", "'db.example.com' is a hostname"),
+        ("[web]:80", "'web' is a hostname"),
+        ("::1:80", "IPv6 addresses must be in brackets"),
+        ("127.0.0.1", "expected 'IP:PORT' (port missing)"),
+        ("127.0.0.1:", "port must be a number"),
+        ("127.0.0.1:+80", "port must be a number"),
+        ("127.0.0.1:٨٠", "port must be a number"),
+        ("127.0.0.1:65536", "port must be from 1 to 65535"),
+        ("127.0.0.1:000000080", "port must be a number"),
+        ("[::1]", "expected '[IPv6]:PORT'"),
+        ("[::1:80", "expected '[IPv6]:PORT'"),
+        ("[127.0.0.1]:80", "brackets are only for IPv6"),
+        ("[fe80::1%eth0]:80", "scoped IPv6 addresses"),
+        ("256.1.1.1:80", "'256.1.1.1' is not a valid IP address"),
+        ("01.2.3.4:80", "'01.2.3.4' is not a valid IP address"),
+        (" 127.0.0.1:80", "is not a valid IP address"),
+        ("", "port missing"),
+    ],
+)
+def test_address_parse_errors(text: str, reason: str) -> None:
+    with pytest.raises(ValueError) as info:
+        Address.parse(text)
+    assert str(info.value).startswith(f"invalid address {text!r}: ")
+    assert reason in str(info.value)
+
+
+# ----------------------------------------------------------------------------- mistakes
+
+SVC = '[[services]]\nname = "web"\nlisten = "127.0.0.1:8080"\n'
+BACKEND = '[[services.backends]]\naddress = "127.0.0.1:9001"\n'
+
+MISTAKES: list[tuple[str, str, str]] = [
+    # (id, TOML text, expected message after "FILE: ")
+    (
+        "unknown-key",
+        (
+            '[[services]]\nname = "web"\nlisten = "127.0.0.1:80"\n[[services]]\nname = "b"\n'
+            'listen = "127.0.0.1:81"\nsheduler = "rr"\n'
+        ),
+        "services[1].sheduler: unknown key (did you mean 'scheduler'?)",
+    ),
+    (
+        "unknown-key-before-missing-required",
+        '[[services]]\nnmae = "web"\nlisten = "127.0.0.1:80"\n',
+        "services[0].nmae: unknown key (did you mean 'name'?)",
+    ),
+    (
+        "unknown-key-no-hint",
+        SVC + "colour = 1\n",
+        "services[0].colour: unknown key",
+    ),
+    (
+        "unknown-key-quoted",
+        SVC + '"odd key" = 1\n',
+        'services[0]."odd key": unknown key',
+    ),
+    (
+        "unknown-top-level-table",
+        "[dataplain]\nworkers = 1\n",
+        "dataplain: unknown key (did you mean 'dataplane'?)",
+    ),
+    (
+        "unknown-backend-key",
+        SVC + BACKEND + "wieght = 2\n",
+        "services[0].backends[0].wieght: unknown key (did you mean 'weight'?)",
+    ),
+    (
+        "unknown-admin-key",
+        '[admin]\ntoken = "x"\n',
+        "admin.token: unknown key (did you mean 'token_file'?)",
+    ),
+    (
+        "wrong-type-string-for-integer",
+        '[dataplane]\nworkers = "2"\n',
+        "dataplane.workers: must be an integer from 0 to 256, got string '2'",
+    ),
+    (
+        "wrong-type-float-for-integer",
+        SVC + BACKEND + "weight = 1.5\n",
+        "services[0].backends[0].weight: must be an integer from 0 to 65535, got float 1.5",
+    ),
+    (
+        "wrong-type-integer-for-string",
+        "[[services]]\nname = 5\nlisten = '127.0.0.1:80'\n",
+        "services[0].name: must be a string, got integer 5",
+    ),
+    (
+        "wrong-type-string-for-bool",
+        SVC + 'sh_port = "yes"\n',
+        "services[0].sh_port: must be true or false, got string 'yes'",
+    ),
+    (
+        "wrong-type-table-for-scalar",
+        SVC + "[services.connect_timeout]\n",
+        (
+            "services[0].connect_timeout: must be a number of seconds greater than 0 and at most"
+            " 3600, got table"
+        ),
+    ),
+    (
+        "admin-not-a-table",
+        'admin = "127.0.0.1:1"\n',
+        "admin: must be a table, got string '127.0.0.1:1'",
+    ),
+    (
+        "services-not-an-array",
+        '[services]\nname = "web"\n',
+        "services: must be an array of tables ([[services]]), got table",
+    ),
+    (
+        "backends-not-an-array",
+        SVC + "backends = 3\n",
+        "services[0].backends: must be an array of tables ([[services.backends]]), got integer 3",
+    ),
+    (
+        "backend-not-a-table",
+        SVC + "backends = [1]\n",
+        "services[0].backends[0]: must be a table, got integer 1",
+    ),
+    (
+        "bad-address",
+        '[[services]]\nname = "web"\nlisten = "127.0.0.1-80"\n',
+        "services[0].listen: invalid address '127.0.0.1-80': expected 'IP:PORT' (port missing)",
+    ),
+    (
+        "hostname",
+        SVC + '[[services.backends]]\naddress = "backend.local:9001"\n',
+        (
+            "services[0].backends[0].address: invalid address 'backend.local:9001': "
+            "'backend.local' is a hostname; use an IP address (names are not resolved, "
+            "so reloads never depend on DNS)"
+        ),
+    ),
+    (
+        "ipv6-without-brackets",
+        '[admin]\nlisten = "::1:9901"\n',
+        (
+            "admin.listen: invalid address '::1:9901': IPv6 addresses must be in brackets, "
+            "like '[::1]:80'"
+        ),
+    ),
+    (
+        "port-out-of-range",
+        '[[services]]\nname = "web"\nlisten = "127.0.0.1:65536"\n',
+        "services[0].listen: invalid address '127.0.0.1:65536': port must be from 0 to 65535",
+    ),
+    (
+        "backend-port-zero",
+        SVC + '[[services.backends]]\naddress = "127.0.0.1:0"\n',
+        (
+            "services[0].backends[0].address: invalid address '127.0.0.1:0': "
+            "port 0 (any free port) is only allowed for listen addresses"
+        ),
+    ),
+    (
+        "duplicate-listen",
+        SVC + '[[services]]\nname = "api"\nlisten = "127.0.0.1:8080"\n',
+        "services[1].listen: 127.0.0.1:8080 is already used by service 'web' (services[0].listen)",
+    ),
+    (
+        "duplicate-listen-normalised",
+        (
+            '[[services]]\nname = "a"\nlisten = "[::1]:80"\n'
+            '[[services]]\nname = "b"\nlisten = "[0::1]:80"\n'
+        ),
+        "services[1].listen: [::1]:80 is already used by service 'a' (services[0].listen)",
+    ),
+    (
+        "listen-collides-with-admin",
+        '[admin]\nlisten = "127.0.0.1:8080"\n' + SVC,
+        "services[0].listen: 127.0.0.1:8080 is already used by admin.listen",
+    ),
+    (
+        "duplicate-backend",
+        SVC + BACKEND + '[[services.backends]]\naddress = "127.0.0.1:9002"\n' + BACKEND,
+        (
+            "services[0].backends[2].address: duplicate backend 127.0.0.1:9001 "
+            "(also services[0].backends[0])"
+        ),
+    ),
+    (
+        "duplicate-service-name",
+        SVC + '[[services]]\nname = "web"\nlisten = "127.0.0.1:8081"\n',
+        "services[1].name: duplicate service name 'web' (also services[0])",
+    ),
+    (
+        "bad-name",
+        '[[services]]\nname = "-web"\nlisten = "127.0.0.1:80"\n',
+        (
+            "services[0].name: must be 1 to 63 characters of letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit, got '-web'"
+        ),
+    ),
+    (
+        "empty-name",
+        '[[services]]\nname = ""\nlisten = "127.0.0.1:80"\n',
+        (
+            "services[0].name: must be 1 to 63 characters of letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit, got ''"
+        ),
+    ),
+    (
+        "name-too-long",
+        f'[[services]]\nname = "{"a" * 64}"\nlisten = "127.0.0.1:80"\n',
+        (
+            "services[0].name: must be 1 to 63 characters of letters, digits, '_', '.' or '-', "
+            f"starting with a letter or digit, got '{'a' * 57}'..."
+        ),
+    ),
+    (
+        "missing-name",
+        '[[services]]\nlisten = "127.0.0.1:80"\n',
+        "services[0].name: required key is missing",
+    ),
+    (
+        "missing-backend-address",
+        SVC + "[[services.backends]]\nweight = 1\n",
+        "services[0].backends[0].address: required key is missing",
+    ),
+    (
+        "unknown-scheduler-close",
+        SVC + 'scheduler = "wrrr"\n',
+        "services[0].scheduler: unknown scheduler 'wrrr' (did you mean 'wrr'?)",
+    ),
+    (
+        "unknown-scheduler",
+        SVC + 'scheduler = "maglev"\n',
+        (
+            "services[0].scheduler: unknown scheduler 'maglev' "
+            "(expected one of: dh, lc, nq, rr, sed, sh, wlc, wrr)"
+        ),
+    ),
+    (
+        "weight-out-of-range",
+        SVC + BACKEND + '[[services.backends]]\naddress = "127.0.0.1:9002"\nweight = 70000\n',
+        "services[0].backends[1].weight: must be an integer from 0 to 65535, got 70000",
+    ),
+    (
+        "negative-weight",
+        SVC + BACKEND + "weight = -1\n",
+        "services[0].backends[0].weight: must be an integer from 0 to 65535, got -1",
+    ),
+    (
+        "threshold-out-of-range",
+        SVC + BACKEND + "upper_threshold = 65536\n",
+        "services[0].backends[0].upper_threshold: must be an integer from 0 to 65535, got 65536",
+    ),
+    (
+        "lower-above-upper",
+        SVC + BACKEND + "upper_threshold = 10\nlower_threshold = 11\n",
+        "services[0].backends[0].lower_threshold: must not exceed upper_threshold (10), got 11",
+    ),
+    (
+        "bad-netmask",
+        SVC + 'affinity_netmask = "255.255.255"\n',
+        (
+            "services[0].affinity_netmask: must be a prefix length from 0 to 32 or a dotted mask "
+            "like '255.255.255.0', got '255.255.255'"
+        ),
+    ),
+    (
+        "netmask-prefix-out-of-range",
+        SVC + "affinity_netmask = 33\n",
+        (
+            "services[0].affinity_netmask: must be a prefix length from 0 to 32 or a dotted mask "
+            "like '255.255.255.0', got 33"
+        ),
+    ),
+    (
+        "non-contiguous-mask",
+        SVC + 'affinity_netmask = "255.0.255.0"\n',
+        "services[0].affinity_netmask: '255.0.255.0' is not a contiguous netmask",
+    ),
+    (
+        "netmask6-out-of-range",
+        SVC + "affinity_netmask6 = 129\n",
+        "services[0].affinity_netmask6: must be an integer from 0 to 128, got 129",
+    ),
+    (
+        "negative-timeout",
+        SVC + "affinity_timeout = -1\n",
+        "services[0].affinity_timeout: must be a number of seconds from 0 to 2592000, got -1",
+    ),
+    (
+        "zero-connect-timeout",
+        SVC + "connect_timeout = 0\n",
+        (
+            "services[0].connect_timeout: must be a number of seconds greater than 0 and at most "
+            "3600, got 0"
+        ),
+    ),
+    (
+        "idle-timeout-too-long",
+        SVC + "idle_timeout = 604800.5\n",
+        (
+            "services[0].idle_timeout: must be a number of seconds greater than 0 and at most "
+            "604800, got 604800.5"
+        ),
+    ),
+    (
+        "nan-timeout",
+        "[dataplane]\ndrain_timeout = nan\n",
+        "dataplane.drain_timeout: must be a number of seconds from 0 to 86400, got nan",
+    ),
+    (
+        "infinite-timeout",
+        SVC + "drain_timeout = inf\n",
+        "services[0].drain_timeout: must be a number of seconds from 0 to 86400, got inf",
+    ),
+    (
+        "udp",
+        SVC + 'protocol = "udp"\n',
+        "services[0].protocol: udp services are not supported yet",
+    ),
+    (
+        "other-protocol",
+        SVC + 'protocol = "TCP"\n',
+        "services[0].protocol: must be 'tcp', got 'TCP'",
+    ),
+    (
+        "bool-as-int",
+        SVC + BACKEND + "weight = true\n",
+        "services[0].backends[0].weight: must be an integer from 0 to 65535, got boolean true",
+    ),
+    (
+        "bool-as-seconds",
+        SVC + "idle_timeout = false\n",
+        (
+            "services[0].idle_timeout: must be a number of seconds greater than 0 and at most "
+            "604800, got boolean false"
+        ),
+    ),
+    (
+        "sh-fallback-without-sh",
+        SVC + "sh_fallback = true\n",
+        "services[0].sh_fallback: only meaningful with scheduler = 'sh' (scheduler is 'rr')",
+    ),
+    (
+        "sh-port-without-sh",
+        SVC + 'scheduler = "wrr"\nsh_port = true\n',
+        "services[0].sh_port: only meaningful with scheduler = 'sh' (scheduler is 'wrr')",
+    ),
+    (
+        "workers-out-of-range",
+        "[dataplane]\nworkers = 257\n",
+        "dataplane.workers: must be an integer from 0 to 256, got 257",
+    ),
+    (
+        "pipe-size-not-power-of-two",
+        "[dataplane]\npipe_size = 100000\n",
+        "dataplane.pipe_size: must be a power of two from 4096 to 16777216, got 100000",
+    ),
+    (
+        "pipe-size-too-small",
+        "[dataplane]\npipe_size = 2048\n",
+        "dataplane.pipe_size: must be a power of two from 4096 to 16777216, got 2048",
+    ),
+    (
+        "retries-out-of-range",
+        SVC + "retries = 101\n",
+        "services[0].retries: must be an integer from 0 to 100, got 101",
+    ),
+    (
+        "empty-token-file",
+        '[admin]\ntoken_file = ""\n',
+        "admin.token_file: must be a non-empty string without NUL characters, got ''",
+    ),
+    (
+        "toml-syntax",
+        "[dataplane]\nworkers = 2\npipe_size = = 3\n",
+        "line 3, column 13: Invalid value",
+    ),
+    (
+        "toml-syntax-at-end",
+        "[dataplane]\nworkers = ",
+        "end of document: Invalid value",
+    ),
+    (
+        "toml-duplicate-key",
+        "[dataplane]\nworkers = 1\nworkers = 2\n",
+        "line 3, column 12: Cannot overwrite a value",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [m[1:] for m in MISTAKES], ids=[m[0] for m in MISTAKES]
+)
+def test_mistakes(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: {expected}"
+
+
+def test_mistake_ids_are_unique() -> None:
+    assert len({m[0] for m in MISTAKES}) == len(MISTAKES)
+
+
+def test_first_error_wins(tmp_path: Path) -> None:
+    # Two mistakes: the one in the earlier section is reported.
+    path = write(tmp_path, "[dataplane]\nworkers = -1\n" + SVC + "retries = -1\n")
+    with pytest.raises(ConfigError, match=r"dataplane\.workers: "):
+        load_config(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: No such file or directory"
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path)
+    assert str(info.value) == f"{tmp_path}: cannot read: Is a directory"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files regardless of their mode")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = write(tmp_path, SVC)
+    path.chmod(0)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: cannot read: Permission denied"
+
+
+def test_invalid_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_bytes(b'[admin]\nlisten = "\xff"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: line 2, column 11: invalid UTF-8"
+
+
+def test_deeply_nested_arrays(tmp_path: Path) -> None:
+    path = write(tmp_path, "x = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"{path}: arrays or tables are nested too deeply"
+
+
+def test_messages_from_parse_config_use_source() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"dataplane": {"workers": 300}}, source="from-api")
+    assert (
+        str(info.value) == "from-api: dataplane.workers: must be an integer from 0 to 256, got 300"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ([], "(top level): must be a table, got array"),
+        ({"dataplane": {"drain_timeout": 10**5000}}, "got a very large integer"),
+        ({"dataplane": {"workers": None}}, "got NoneType"),
+        ({1: 2}, '"1": unknown key'),
+        ({"admin": {"listen": "x" * 500}}, "..."),
+        ({"a\nb": 1}, '"a\\nb": unknown key'),
+        ({"services": ({"name": "s", "listen": "127.0.0.1:1"},)}, None),
+    ],
+)
+def test_parse_config_odd_python_values(data: Any, expected: str | None) -> None:
+    # Callers other than the TOML reader may hand in any Python values.
+    if expected is None:
+        assert isinstance(parse_config(data, source="x"), Config)
+        return
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="x")
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+_SERVICE_KEYS = [
+    "name",
+    "listen",
+    "protocol",
+    "scheduler",
+    "affinity_timeout",
+    "affinity_netmask",
+    "affinity_netmask6",
+    "expire_quiescent",
+    "sh_fallback",
+    "sh_port",
+    "connect_timeout",
+    "idle_timeout",
+    "drain_timeout",
+    "retries",
+    "backends",
+]
+_DATAPLANE_KEYS = [
+    "workers",
+    "pipe_size",
+    "max_pipes",
+    "max_connections",
+    "drain_timeout",
+    "inactive_timeout",
+    "reset_inactive_timeout",
+]
+_BACKEND_KEYS = ["address", "weight", "upper_threshold", "lower_threshold"]
+_KNOWN_KEYS = sorted(
+    {"admin", "dataplane", "services", "listen", "token_file"}
+    | set(_SERVICE_KEYS + _DATAPLANE_KEYS + _BACKEND_KEYS)
+)
+_PLAUSIBLE_STRINGS = [
+    "127.0.0.1:80",
+    "127.0.0.1:0",
+    "[::1]:80",
+    "[::]:0",
+    "localhost:80",
+    "[::1]",
+    "255.255.255.0",
+    "255.0.255.0",
+    "web",
+    "tcp",
+    "udp",
+    "rr",
+    "sh",
+    "",
+]
+
+_keys = st.sampled_from(_KNOWN_KEYS) | st.text(max_size=8)
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-2, max_value=70000)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(_PLAUSIBLE_STRINGS)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_keys, inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@st.composite
+def _plausible_configs(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly well-formed configs with random values, to reach the deeper checks."""
+
+    def section(keys: list[str]) -> dict[str, Any]:
+        chosen = draw(st.lists(st.sampled_from(keys), max_size=len(keys), unique=True))
+        return {k: draw(_scalars) for k in chosen}
+
+    def backend() -> dict[str, Any]:
+        b = section(_BACKEND_KEYS[1:])
+        b["address"] = draw(st.sampled_from(["127.0.0.1:1", "127.0.0.1:2", "[::1]:1"]))
+        return b
+
+    def service() -> dict[str, Any]:
+        s = section(_SERVICE_KEYS[2:-1])
+        s["name"] = draw(st.sampled_from(["a", "b", "c"]))
+        s["listen"] = draw(st.sampled_from(["127.0.0.1:1", "127.0.0.1:0", "[::1]:1"]))
+        s["backends"] = [backend() for _ in range(draw(st.integers(0, 3)))]
+        return s
+
+    cfg: dict[str, Any] = {
+        "admin": section(["listen", "token_file"]),
+        "dataplane": section(_DATAPLANE_KEYS),
+        "services": [service() for _ in range(draw(st.integers(0, 3)))],
+    }
+    if draw(st.booleans()):
+        cfg[draw(_keys)] = draw(_values)
+    return cfg
+
+
+def _check_outcome(data: Any) -> Config | None:
+    try:
+        cfg = parse_config(data, source="fuzz.toml")
+    except ConfigError as e:
+        message = str(e)
+        assert message.startswith("fuzz.toml: ")
+        assert "\n" not in message and "\r" not in message
+        return None
+    assert isinstance(cfg, Config)
+    return cfg
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.dictionaries(_keys, _values, max_size=5) | _values)
+def test_fuzz_random_values_only_raise_config_error(data: Any) -> None:
+    _check_outcome(data)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(_plausible_configs())
+def test_fuzz_plausible_configs(data: dict[str, Any]) -> None:
+    cfg = _check_outcome(data)
+    if cfg is None:
+        return
+    # Whatever got through satisfies the cross-field rules.
+    assert len({s.name for s in cfg.services}) == len(cfg.services)
+    for svc in cfg.services:
+        assert len({b.address for b in svc.backends}) == len(svc.backends)
+        assert svc.scheduler == "sh" or not (svc.sh_fallback or svc.sh_port)
+        for b in svc.backends:
+            assert 0 <= b.weight <= 65535
+            assert not b.upper_threshold or b.lower_threshold <= b.upper_threshold
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as d:
+        yield Path(d)
+
+
+_TOML_ALPHABET = st.sampled_from([*"[]{}=\".,#\n 'ab1:-_tfnie", "services", "true"])
+
+
+@settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    st.binary(max_size=60)
+    | st.lists(_TOML_ALPHABET, max_size=40).map(lambda p: "".join(p).encode())
+)
+def test_fuzz_file_contents(fuzz_dir: Path, raw: bytes) -> None:
+    path = fuzz_dir / "fuzz.toml"
+    path.write_bytes(raw)
+    try:
+        load_config(path)
+    except ConfigError as e:
+        assert str(e).startswith(f"{path}: ")
+        assert "\n" not in str(e)
