@@ -89,6 +89,8 @@ def _haproxy(backend: str, workdir: Path, max_conns: int) -> Front:
             global
                 nbthread 1
                 maxconn {max_conns + 64}
+                # its default (maxconn / 4) would push the FD budget past RLIMIT_NOFILE
+                maxpipes 256
 
             defaults
                 mode tcp

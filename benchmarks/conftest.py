@@ -69,8 +69,9 @@ def _settings(config: pytest.Config) -> Settings:
     )
     nofile = _raise_nofile()
     requested = _env_int("L4LB_BENCH_IDLE_CONNS", 200 if quick else 10_000)
-    # A proxy holds two descriptors per proxied connection and shares the same hard limit.
-    idle = max(1, min(requested, (nofile - 256) // 2))
+    # A proxy holds two descriptors per proxied connection under the same hard limit, and
+    # haproxy also reserves two per splice pipe (maxpipes) before it starts.
+    idle = max(1, min(requested, (nofile - 1024) // 2))
     wanted = os.environ.get("L4LB_BENCH_PEERS")
     peers = tuple(p for p in PEERS if not wanted or p in wanted.split(","))
     return Settings(

@@ -1040,6 +1040,8 @@ class L4lbProcess:
         want = {str(svc["name"]): backends(svc) for svc in config.get("services", [])}
         if set(want) != set(have):
             return False
+        if not set(want) <= set(self._current_ready().get("services", {})):
+            return False  # the ready file is rewritten after the reload: wait for it too
         for name, wanted in want.items():
             if set(wanted) != set(have[name]):
                 return False
@@ -1052,9 +1054,9 @@ class L4lbProcess:
     ) -> None:
         """Rewrite the config file and send SIGHUP.
 
-        With ``wait`` (the default), poll the admin API until its services and their backend
-        addresses and weights match ``new_config``. Changes the API does not show (a
-        scheduler, a timeout) cannot be waited for this way.
+        With ``wait`` (the default), poll until the admin API shows ``new_config``'s services
+        with their backend addresses and weights, and the ready file lists those services.
+        Changes the API does not show (a scheduler, a timeout) cannot be waited for this way.
         """
         self._write_config(new_config)
         if self._proc is None or self._proc.poll() is not None:

@@ -246,6 +246,7 @@ class App:
                 "pipes_used": stats.pipes_used if stats else 0,
                 "pipes_free": stats.pipes_free if stats else 0,
                 "accept_errors": stats.accept_errors if stats else 0,
+                "emfile_pauses": stats.emfile_pauses if stats else 0,
                 "connections_active": stats.connections if stats else 0,
                 "fd_limit": self.fd_limit,
             },

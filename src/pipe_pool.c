@@ -34,8 +34,16 @@ struct l4_pipe *l4_pipe_get(struct l4_worker *w)
 		goto out;
 	}
 	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
-		free(p);
-		return NULL;
+		/* Out of fds: copy through a buffer rather than stall the
+		 * connection (HAProxy falls back the same way). */
+		p->rfd = p->wfd = -1;
+		p->buf = malloc(w->dp->pipe_size);
+		if (p->buf == NULL) {
+			free(p);
+			return NULL;
+		}
+		atomic_fetch_add_explicit(&w->splice_fallbacks, 1, memory_order_relaxed);
+		goto out;
 	}
 	/* Best effort: the pipe keeps the default size if the limit says no. */
 	if (w->dp->pipe_size != 65536)
@@ -65,7 +73,8 @@ void l4_pipe_kill(struct l4_worker *w, struct l4_pipe *p)
 /* Return a pipe: recycled only when empty and the pool has room. */
 void l4_pipe_put(struct l4_worker *w, struct l4_pipe *p)
 {
-	if (p->data != 0 || w->nfree_pipes >= w->dp->max_pipes) {
+	/* A fallback buffer in splice mode is not worth keeping. */
+	if (p->data != 0 || w->nfree_pipes >= w->dp->max_pipes || (p->buf && w->dp->use_splice)) {
 		l4_pipe_kill(w, p);
 		return;
 	}

@@ -3,7 +3,8 @@
  *
  * A 256-bucket table, bucket i = dests[i % ndests] (weights ignored), maps
  * hash_32(original destination address) to a dest; there is no fallback.
- * Rebuilt on init and on every add, delete and edit.
+ * Rebuilt on init and on every add, delete and edit.  The service sets
+ * needs_daddr for this scheduler, so workers fill ctx->daddr.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -33,8 +34,6 @@ static int dh_init(struct l4_service *svc)
 		return -ENOMEM;
 	dh_rebuild(s, svc);
 	svc->sched_data = s;
-	/* Workers must fill ctx->daddr for this service. */
-	svc->needs_daddr = 1;
 	return 0;
 }
 
@@ -42,7 +41,6 @@ static void dh_done(struct l4_service *svc)
 {
 	free(svc->sched_data);
 	svc->sched_data = NULL;
-	svc->needs_daddr = 0;
 }
 
 static void dh_update(struct l4_service *svc, int op, uint32_t pos)

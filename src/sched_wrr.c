@@ -101,7 +101,7 @@ static struct l4_slot *wrr_pick(struct l4_service *svc, const struct l4_pick_ctx
 {
 	struct wrr_mark *mark = svc->sched_data;
 	int n = (int)svc->ndests;
-	int pos, last, stop = WRR_HEAD - 1;   /* no stop position yet */
+	int pos, last, stop = WRR_HEAD - 1;     /* -2: no stop position yet */
 	int last_pass = 0, restarted = 0;
 
 	(void)ctx;
@@ -139,8 +139,8 @@ static struct l4_slot *wrr_pick(struct l4_service *svc, const struct l4_pick_ctx
 			restarted = 1;
 		}
 		last_pass = mark->cw <= mark->di;
-		/* The first weight->=1 pass only covered the dests after
-		 * `last`; this one must stop once it reaches `last`. */
+		/* The first pass at weight >= 1 only covered the dests
+		 * after `last`; this one stops once it reaches `last`. */
 		if (last_pass && restarted && last != WRR_HEAD)
 			stop = last;
 	}

@@ -70,18 +70,28 @@ cdef int _testhelper_ctx(l4_pick_ctx *ctx, str client_ip, int client_port, str d
 
 
 def _testhelper_connect(Dataplane dp, int svc_id, str client_ip, int client_port=0,
-                        str dest_ip="", int dest_port=0, unsigned long long now_ms=0):
+                        str dest_ip="", int dest_port=0, unsigned long long now_ms=0,
+                        exclude=(), bint retry=False):
     """Schedule and bind a new connection like a worker does.
 
-    Returns (slot id, template handle), or (-1, 0) when it is refused.
+    ``exclude`` lists slot ids already tried and ``retry`` skips the
+    template lookup, as on a worker's connect retry.  Returns (slot id,
+    template handle), or (-1, 0) when the connection is refused.
     """
     cdef l4_service *svc = dp._service(svc_id)
     cdef l4_pick_ctx ctx
     cdef l4_slot *slot
     cdef l4_tmpl *tmpl = NULL
+    cdef const l4_slot *tried[8]
+    cdef unsigned ntried = 0
+    if len(exclude) > 8:
+        raise ValueError("at most 8 excluded slots")
+    for slot_id in exclude:
+        tried[ntried] = dp._slot(slot_id)
+        ntried += 1
     _testhelper_ctx(&ctx, client_ip, client_port, dest_ip, dest_port)
     with nogil:
-        slot = l4_service_schedule(svc, &ctx, NULL, 0, 0, now_ms, &tmpl)
+        slot = l4_service_schedule(svc, &ctx, tried, ntried, retry, now_ms, &tmpl)
     if slot == NULL:
         return -1, 0
     return <int>slot.id, <uintptr_t>tmpl

@@ -74,7 +74,9 @@ static void timer_set(struct l4_worker *w, struct l4_conn *c, uint64_t deadline)
 	struct l4_conn **b;
 
 	timer_del(w, c);
-	/* Never schedule into a bucket the wheel has already passed. */
+	/* Deadlines fall on tick boundaries, so a bucket is due exactly when its
+	 * time has come; never schedule into a bucket the wheel has passed. */
+	deadline += (L4_TICK_MS - deadline % L4_TICK_MS) % L4_TICK_MS;
 	if (deadline < w->wheel_ms)
 		deadline = w->wheel_ms;
 	c->deadline_ms = deadline;
@@ -374,7 +376,7 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 		if (p == NULL) {
 			p = *pp = l4_pipe_get(w);
 			if (p == NULL)
-				return progress; /* retried on the next event or tick */
+				return -ENOMEM;
 		}
 		if (p->buf)
 			n = read(src, p->buf + p->off + p->data, size - p->off - p->data);

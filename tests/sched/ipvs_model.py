@@ -346,9 +346,7 @@ class DH(Scheduler):
         return d
 
 
-SCHEDULERS: dict[str, type[Scheduler]] = {
-    s.name: s for s in (RR, WRR, LC, WLC, SED, NQ, SH, DH)
-}
+SCHEDULERS: dict[str, type[Scheduler]] = {s.name: s for s in (RR, WRR, LC, WLC, SED, NQ, SH, DH)}
 
 
 # ---------------------------------------------------------------- persistence
@@ -456,7 +454,7 @@ class Service:
         d = self.slots.get(id)
         if d is None:
             d = self.slots[id] = Dest(id, weight)
-        assert not d.linked or d not in self.dests
+        assert d not in self.dests, "already linked"
         d.weight = weight
         d.linked = True
         self._thresholds(d, u, lo)

@@ -72,9 +72,13 @@ class CService:
     def order(self) -> list[int]:
         return list(self.dp.dest_order(SVC))
 
-    def connect(self, c: m.Conn, now: int = 0) -> tuple[int | None, int]:
+    def connect(
+        self, c: m.Conn, now: int = 0, exclude: tuple[int, ...] = (), retry: bool = False
+    ) -> tuple[int | None, int]:
         """(slot id or None if refused, template handle)."""
-        slot, tmpl = _dp._testhelper_connect(self.dp, SVC, c.client, c.cport, c.daddr, 0, now)
+        slot, tmpl = _dp._testhelper_connect(
+            self.dp, SVC, c.client, c.cport, c.daddr, 0, now, exclude, retry
+        )
         return (None if slot < 0 else slot), tmpl
 
     def pick(self, client: str = "10.0.0.1", cport: int = 0, daddr: str = "") -> int | None:

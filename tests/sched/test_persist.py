@@ -7,7 +7,7 @@ decision and the A/I counters; ``expire`` also checks template counts.
 from __future__ import annotations
 
 import ipvs_model as m
-from sched_harness import Both
+from sched_harness import Both, CService
 
 B0, B1, B2 = 0, 1, 2
 S = 1000
@@ -210,8 +210,8 @@ def test_overloaded_dest_keeps_its_clients() -> None:
     s = Both("rr", flags=m.PERSISTENT, persist_timeout_ms=60 * S)
     s.add(B0, 1)
     s.add(B1, 1, u=1)
-    d, t, ct = held(s, "10.0.0.1")
-    assert d == B1 and s.m.slots[B1].overload
+    assert held(s, "10.0.0.1")[0] == B1
+    assert s.m.slots[B1].overload
     assert held(s, "10.0.0.1")[0] == B1  # OVERLOAD ignored for templates
     assert held(s, "10.0.0.2")[0] == B0
 
@@ -261,3 +261,48 @@ def test_wrr_cursor_moves_only_for_new_templates() -> None:
     s.add(B1, 1)
     got = [once(s, ip) for ip in CLIENTS[:3] for _ in range(2)]
     assert got == [B1, B1, B0, B0, B0, B0]  # wrr alone: b1 b0 (cw 1), b0 (cw 2)
+
+
+def test_many_templates_staggered_expiry() -> None:
+    """Enough clients to grow the table several times, expiring one by one
+    under a sweep every second, a few of them held past their timeout."""
+    s = persistent(timeout_s=20)
+    held_conns = []
+    for i in range(600):
+        ip = f"10.{i // 250}.{i % 250}.1" if i % 5 else f"2001:db8:{i:x}::1"
+        now = i * 100
+        if i % 50 == 0:
+            held_conns.append((held(s, ip, now), now))
+        else:
+            once(s, ip, now)
+        if i % 10 == 0:
+            s.expire(now)
+    assert s.c.persist_count() > 100
+    now = 60 * S
+    for (d, t, ct), _ in held_conns[:6]:
+        s.close(d, t, ct, now)
+    while now < 200 * S:
+        now += S
+        s.expire(now)
+    assert s.c.persist_count() == len(held_conns) - 6
+    for (d, t, ct), _ in held_conns[6:]:
+        s.close(d, t, ct, now)
+    s.expire(now + 60 * S)
+    assert s.c.persist_count() == 0
+
+
+def test_connect_retry_repoints_the_template() -> None:
+    """A worker whose connect failed retries elsewhere; the client's template
+    follows the new dest (the kernel never retries, so C only)."""
+    c = CService("rr", flags=m.PERSISTENT, persist_timeout_ms=60 * S)
+    for i in (B0, B1, B2):
+        c.add(i, 1)
+    slot, tmpl = c.connect(m.Conn("10.0.0.1"))
+    assert slot == B2
+    c.close(B2, tmpl)  # the failed attempt ends
+    slot, again = c.connect(m.Conn("10.0.0.1"), exclude=(B2,), retry=True)
+    assert (slot, again) == (B1, tmpl)
+    assert [c.counters(i).persist for i in (B0, B1, B2)] == [0, 1, 0]
+    c.close(B1, again)
+    assert c.connect(m.Conn("10.0.0.1"))[0] == B1
+    assert c.persist_count() == 1

@@ -8,20 +8,26 @@ import math
 from dataclasses import dataclass
 
 import ipvs_model as m
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from sched_harness import Both, CService
-
-from hypothesis import given
 
 SCHEDS = ["rr", "wrr", "lc", "wlc", "sed", "nq", "sh", "dh"]
 IDS = range(6)
 CLIENTS = [f"10.0.{i // 4}.{i % 4 + 1}" for i in range(12)] + ["2001:db8::1", "2001:db8:1::2"]
 VIPS = ["10.100.0.1", "10.100.0.2", "10.100.0.3", "fd00::1", "fd00::2"]
 WEIGHTS = st.sampled_from([0, 0, 1, 1, 2, 3, 4, 5, 6, 8, 100])
-FLAGS = st.sampled_from([0, m.PERSISTENT, m.SH_FALLBACK, m.SH_PORT, m.SH_FALLBACK | m.SH_PORT,
-                         m.PERSISTENT | m.SH_FALLBACK])
+FLAGS = st.sampled_from(
+    [
+        0,
+        m.PERSISTENT,
+        m.SH_FALLBACK,
+        m.SH_PORT,
+        m.SH_FALLBACK | m.SH_PORT,
+        m.PERSISTENT | m.SH_FALLBACK,
+    ]
+)
 
 
 @dataclass

@@ -4,7 +4,6 @@ counters included)."""
 
 from __future__ import annotations
 
-import ipvs_model as m
 from sched_harness import Both
 
 B0, B1, B2 = 0, 1, 2
@@ -120,6 +119,21 @@ def test_wrr_skips_overloaded_dest() -> None:
     assert not s.m.slots[B0].overload
     # b0 (cw 2) takes one connection and is overloaded again.
     assert picks(s, 3) == [B0, B1, B1]
+
+
+def test_wrr_all_overloaded_refuses_and_keeps_its_place() -> None:
+    """With every dest overloaded the last pass stops where it began (cl
+    stays on b1), so the next pick resumes after b1, not at the head."""
+    s = Both("wrr")
+    for i in (B0, B1, B2):
+        s.add(i, 1, u=1)
+    assert picks(s, 3) == [B2, B1, B0]  # all overloaded now
+    s.close(B1)
+    assert s.pick() == B1  # cl = b1, everyone overloaded again
+    assert s.pick() is None
+    s.close(B0)
+    s.close(B2)
+    assert s.pick() == B0
 
 
 # ------------------------------------------------------- lc / wlc / sed / nq

@@ -97,9 +97,12 @@ def test_echo_server_echoes_then_closes_after_half_close() -> None:
     payload = os.urandom(3 * 1024 * 1024)  # over the echo high-water mark: exercises backpressure
     with EchoServer() as srv:
         with connect(srv.address) as sock:
-            sender = threading.Thread(
-                target=lambda: (sock.sendall(payload), sock.shutdown(socket.SHUT_WR))
-            )
+
+            def send() -> None:
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+
+            sender = threading.Thread(target=send)
             sender.start()
             echoed = _recv_all(sock)  # returns only once the server has sent its FIN
             sender.join()
@@ -575,3 +578,27 @@ def test_plugin_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=_ROOT
     )
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+# --------------------------------------------------------------------------- the real l4lb
+
+
+def _dataplane_built() -> bool:
+    try:
+        import l4lb._dataplane  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _dataplane_built(), reason="data plane not built (make build)")
+def test_runner_drives_the_real_l4lb(tmp_path: Path) -> None:
+    with NamedServer("a") as a, NamedServer("b") as b:
+        config = _config(a.address)
+        with L4lbProcess(config, workers=1, workdir=tmp_path) as proc:
+            web = proc.service_address("web")
+            assert {connect_name(web) for _ in range(3)} == {"a"}
+            proc.reload(_config(a.address, b.address))
+            assert {connect_name(web) for _ in range(4)} == {"a", "b"}
+            wait_for(lambda: proc.service("web")["total"] == 7, 5, message="7 connections counted")
+            assert proc.stop() == 0
