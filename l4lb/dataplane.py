@@ -292,6 +292,10 @@ class Dataplane:
                 del self._retired_slots[key]
         # Slot ids themselves are cheap; they are not recycled.
 
+    def reset_backend(self, name: str, address: str) -> None:
+        """Reset every open connection of one service to one backend (e.g. it went down)."""
+        self._dp.reset_slot(self._services[name].slots[address])
+
     # ----------------------------------------------------------------- reading
 
     def listen_address(self, name: str) -> Address:

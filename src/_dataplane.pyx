@@ -117,6 +117,13 @@ cdef class Dataplane:
             _check(l4_worker_command(self.dp.workers[i], L4_CMD_DEL_LISTENERS, -1, svc_id),
                    "remove_listeners")
 
+    def reset_slot(self, int slot_id):
+        """Reset (RST both sides) every connection to destination slot ``slot_id``."""
+        cdef int i
+        for i in range(self.workers):
+            _check(l4_worker_command(self.dp.workers[i], L4_CMD_RESET_SLOT, -1, slot_id),
+                   "reset_slot")
+
     def drain(self):
         """Stop accepting everywhere; open connections go on."""
         cdef int i

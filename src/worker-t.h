@@ -74,7 +74,13 @@ struct l4_listener {
 	uint8_t paused;
 };
 
-enum { L4_CMD_ADD_LISTENER = 1, L4_CMD_DEL_LISTENERS = 2, L4_CMD_DRAIN = 3, L4_CMD_STOP = 4 };
+enum {
+	L4_CMD_ADD_LISTENER = 1,
+	L4_CMD_DEL_LISTENERS = 2,
+	L4_CMD_DRAIN = 3,
+	L4_CMD_STOP = 4,
+	L4_CMD_RESET_SLOT = 5,        /* reset every connection to one slot (svc_id = slot id) */
+};
 
 struct l4_cmd {
 	int op;

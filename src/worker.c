@@ -683,6 +683,16 @@ static void listeners_del(struct l4_worker *w, uint32_t svc_id, int all)
 	w->nlisteners = j;
 }
 
+static void reset_slot(struct l4_worker *w, uint32_t slot_id)
+{
+	struct l4_conn *c, *next;
+	for (c = w->conns; c; c = next) {
+		next = c->next;
+		if (c->slot && c->slot->id == slot_id)
+			conn_close(w, c, 1);
+	}
+}
+
 static void run_commands(struct l4_worker *w)
 {
 	struct l4_cmd *cmd, *next;
@@ -709,6 +719,9 @@ static void run_commands(struct l4_worker *w)
 			break;
 		case L4_CMD_STOP:
 			w->stopping = 1;
+			break;
+		case L4_CMD_RESET_SLOT:
+			reset_slot(w, cmd->svc_id);
 			break;
 		}
 		free(cmd);

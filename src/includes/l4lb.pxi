@@ -19,6 +19,7 @@ cdef extern from "l4lb.h" nogil:
     cdef int L4_CMD_DEL_LISTENERS
     cdef int L4_CMD_DRAIN
     cdef int L4_CMD_STOP
+    cdef int L4_CMD_RESET_SLOT
 
     cdef struct l4_pick_ctx:
         uint8_t family
