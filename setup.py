@@ -13,6 +13,7 @@ C_SOURCES = [
     "src/dp.c",
     "src/worker.c",
     "src/pipe_pool.c",
+    "src/udp.c",
     "src/service.c",
     "src/persist.c",
     "src/sched_rr.c",

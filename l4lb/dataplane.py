@@ -76,13 +76,17 @@ class _Service:
     slots: dict[str, int] = field(default_factory=dict)  # str(address) -> slot id
 
 
-def _bind_listeners(addr: Address, count: int) -> list[socket.socket]:
-    """``count`` SO_REUSEPORT sockets on one address (port 0: the first one's port)."""
+def _bind_listeners(addr: Address, count: int, protocol: str = "tcp") -> list[socket.socket]:
+    """``count`` SO_REUSEPORT sockets on one address (port 0: the first one's port).
+
+    For UDP, SO_REUSEPORT hashes each client address to one socket, hence one worker,
+    so a flow's datagrams all reach the worker that owns the flow."""
     socks: list[socket.socket] = []
     port = addr.port
+    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
     try:
         for _ in range(count):
-            s = socket.socket(addr.family, socket.SOCK_STREAM)
+            s = socket.socket(addr.family, kind)
             socks.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
@@ -90,7 +94,8 @@ def _bind_listeners(addr: Address, count: int) -> list[socket.socket]:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.bind((addr.host, port))
             port = s.getsockname()[1]
-            s.listen(LISTEN_BACKLOG)
+            if kind == socket.SOCK_STREAM:
+                s.listen(LISTEN_BACKLOG)
             s.setblocking(False)
     except OSError:
         for s in socks:
@@ -185,7 +190,7 @@ class Dataplane:
         if svc is not None and p.listen_changed:
             # A new key for IPVS means a new virtual service: the plan's ops rebuild
             # it from scratch, and connections to the old listener go on.
-            socks = _bind_listeners(p.spec.listen, self.workers)
+            socks = _bind_listeners(p.spec.listen, self.workers, p.spec.protocol)
             self._remove(p.name)
             self._add(p.spec, p.ops, socks)
             return
@@ -201,7 +206,7 @@ class Dataplane:
         self, spec: ServiceSpec, ops: Iterable[DestOp], socks: list[socket.socket] | None = None
     ) -> None:
         if socks is None:
-            socks = _bind_listeners(spec.listen, self.workers)
+            socks = _bind_listeners(spec.listen, self.workers, spec.protocol)
         sid = self._retired_services.pop() if self._retired_services else self._new_service_id()
         try:
             self._configure(sid, spec)

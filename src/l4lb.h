@@ -84,6 +84,24 @@ int l4_worker_run(struct l4_worker *w);
  * L4_CMD_ADD_LISTENER the worker takes ownership of fd. */
 int l4_worker_command(struct l4_worker *w, int op, int fd, uint32_t svc_id);
 
+/* Internal to the worker thread (worker.c), shared with udp.c. */
+void l4_timer_set(struct l4_worker *w, struct l4_conn *c, uint64_t deadline);
+void l4_conn_close(struct l4_worker *w, struct l4_conn *c, int reset);
+void l4_conn_link(struct l4_worker *w, struct l4_conn *c);
+
+/* ---- UDP flows (udp.c), worker thread only ---- */
+/* Enable the ancillary data a UDP listener needs; 1 if fd is UDP, 0 if not. */
+int l4_udp_listener_setup(int fd);
+/* Datagrams from clients on listener fd: find or make flows, forward. */
+void l4_udp_recv(struct l4_worker *w, struct l4_service *svc, int fd);
+/* Drop whatever is queued on a listener whose service is gone. */
+void l4_udp_discard(int fd);
+/* Replies from a flow's backend, sent to its client from the right address. */
+void l4_udp_reply(struct l4_worker *w, struct l4_conn *c);
+void l4_udp_flow_unhash(struct l4_worker *w, struct l4_conn *c);
+/* Close every flow that replies through listener fd. */
+void l4_udp_close_flows(struct l4_worker *w, int fd);
+
 /* ---- the data plane object (dp.c) ---- */
 struct l4_dp *l4_dp_new(uint32_t nworkers, uint32_t max_services, uint32_t max_slots,
 			uint32_t pipe_size, uint32_t max_pipes, uint32_t inactive_ms,

@@ -18,18 +18,17 @@ struct l4_pipe {
 };
 
 /* Connection flag bits. */
-enum {
-	L4_C_RD = 1 << 0,       /* client readable (edge seen, EAGAIN not yet) */
-	L4_C_WR = 1 << 1,
-	L4_B_RD = 1 << 2,
-	L4_B_WR = 1 << 3,
-	L4_C_EOF = 1 << 4,      /* read EOF from the client */
-	L4_B_EOF = 1 << 5,
-	L4_C_SHUT = 1 << 6,     /* we sent FIN to the client */
-	L4_B_SHUT = 1 << 7,
-	L4_INACTIVE = 1 << 8,   /* left the IPVS active states (A decremented) */
-	L4_QUEUED = 1 << 9,     /* on the worker's run-again list */
-};
+#define L4_C_RD (1u << 0)       /* client readable (edge seen, EAGAIN not yet) */
+#define L4_C_WR (1u << 1)
+#define L4_B_RD (1u << 2)
+#define L4_B_WR (1u << 3)
+#define L4_C_EOF (1u << 4)      /* read EOF from the client */
+#define L4_B_EOF (1u << 5)
+#define L4_C_SHUT (1u << 6)     /* we sent FIN to the client */
+#define L4_B_SHUT (1u << 7)
+#define L4_INACTIVE (1u << 8)   /* left the IPVS active states (A decremented) */
+#define L4_QUEUED (1u << 9)     /* on the worker's run-again list */
+#define L4_UDP (1u << 10)       /* a UDP flow: cfd is the (shared) listener, not ours */
 
 enum { L4_ST_CONNECTING = 1, L4_ST_ESTABLISHED = 2 };
 
@@ -51,6 +50,16 @@ struct l4_conn {
 	struct l4_conn *prev, *next;    /* all connections of the worker */
 	struct l4_conn *qnext;          /* run-again list, then the dead list */
 	struct l4_pick_ctx ctx;
+	struct l4_udp_flow *udp;        /* UDP flows only */
+};
+
+/* What a UDP flow needs beyond a connection: its hash chain and the local
+ * address the client sent to, which replies must come from. */
+struct l4_udp_flow {
+	struct l4_conn *hnext;
+	uint8_t lfamily;
+	uint8_t laddr[16];
+	int ifindex;
 };
 
 /* A connection whose inactive time runs (IPVS FIN_WAIT/TIME_WAIT/CLOSE). */
@@ -72,6 +81,7 @@ struct l4_listener {
 	int fd;
 	uint32_t svc_id;
 	uint8_t paused;
+	uint8_t udp;
 };
 
 enum {
@@ -116,6 +126,9 @@ struct l4_worker {
 	uint64_t now_ms;
 	uint64_t next_sweep_ms;
 	struct l4_ghost_ring ghosts_fin, ghosts_rst;
+	struct l4_conn **flows;         /* UDP flow hash table */
+	uint32_t nflows, flow_buckets;
+	void *udp_bufs;                 /* recvmmsg/sendmmsg scratch, allocated on first use */
 	uint8_t draining, stopping;
 	/* Counters (written by this worker only). */
 	_Atomic int64_t nconns;

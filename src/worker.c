@@ -69,7 +69,7 @@ static void timer_del(struct l4_worker *w, struct l4_conn *c)
 	w->ntimers--;
 }
 
-static void timer_set(struct l4_worker *w, struct l4_conn *c, uint64_t deadline)
+void l4_timer_set(struct l4_worker *w, struct l4_conn *c, uint64_t deadline)
 {
 	struct l4_conn **b;
 
@@ -175,12 +175,23 @@ static void drop_pipe(struct l4_worker *w, struct l4_pipe **pp)
 	}
 }
 
-static void conn_close(struct l4_worker *w, struct l4_conn *c, int reset)
+void l4_conn_close(struct l4_worker *w, struct l4_conn *c, int reset)
 {
 	if (c->state == 0)
 		return;
-	close_fd(c->cfd, reset);
-	close_fd(c->bfd, reset);
+	if (c->flags & L4_UDP) {
+		l4_udp_flow_unhash(w, c);
+		close(c->bfd);
+		free(c->udp);
+		c->udp = NULL;
+		/* A UDP flow is never active and has no inactive time (§1). */
+		if (c->slot)
+			l4_service_unbind(c->svc, c->slot, c->tmpl, w->now_ms);
+		c->slot = NULL;
+	} else {
+		close_fd(c->cfd, reset);
+		close_fd(c->bfd, reset);
+	}
 	c->cfd = c->bfd = -1;
 	drop_pipe(w, &c->c2b);
 	drop_pipe(w, &c->b2c);
@@ -223,7 +234,7 @@ static void runq_add(struct l4_worker *w, struct l4_conn *c)
 /* Refuse a client that has no backend: RST, as fast as possible. */
 static void conn_refuse(struct l4_worker *w, struct l4_conn *c)
 {
-	conn_close(w, c, 1);
+	l4_conn_close(w, c, 1);
 }
 
 static int epoll_add(struct l4_worker *w, int fd, uint32_t events, uint64_t data)
@@ -265,7 +276,7 @@ static int backend_connect(struct l4_worker *w, struct l4_conn *c, struct l4_slo
 	c->bfd = fd;
 	c->flags &= ~(L4_B_RD | L4_B_WR);
 	c->state = L4_ST_CONNECTING;
-	timer_set(w, c, w->now_ms + atomic_load_explicit(&c->svc->connect_timeout_ms,
+	l4_timer_set(w, c, w->now_ms + atomic_load_explicit(&c->svc->connect_timeout_ms,
 							  memory_order_relaxed));
 	return 0;
 }
@@ -339,7 +350,7 @@ static void connect_done(struct l4_worker *w, struct l4_conn *c, int err)
 	atomic_store_explicit(&c->slot->consec_failures, 0, memory_order_relaxed);
 	c->state = L4_ST_ESTABLISHED;
 	c->last_ms = w->now_ms;
-	timer_set(w, c, w->now_ms + atomic_load_explicit(&c->svc->idle_timeout_ms,
+	l4_timer_set(w, c, w->now_ms + atomic_load_explicit(&c->svc->idle_timeout_ms,
 							  memory_order_relaxed));
 	conn_pump(w, c);
 }
@@ -427,7 +438,7 @@ static void conn_pump(struct l4_worker *w, struct l4_conn *c)
 		if (c->flags & (L4_C_EOF | L4_B_EOF))
 			conn_deactivate(c);
 		if ((c->flags & (L4_C_SHUT | L4_B_SHUT)) == (L4_C_SHUT | L4_B_SHUT)) {
-			conn_close(w, c, 0);
+			l4_conn_close(w, c, 0);
 			return;
 		}
 		if (!a && !b)
@@ -437,7 +448,7 @@ static void conn_pump(struct l4_worker *w, struct l4_conn *c)
 	runq_add(w, c);
 	return;
 reset:
-	conn_close(w, c, 1);
+	l4_conn_close(w, c, 1);
 }
 
 static void conn_event(struct l4_worker *w, struct l4_conn *c, unsigned tag, uint32_t ev)
@@ -447,6 +458,10 @@ static void conn_event(struct l4_worker *w, struct l4_conn *c, unsigned tag, uin
 
 	if (c->state == 0)
 		return;
+	if (c->flags & L4_UDP) {
+		l4_udp_reply(w, c);
+		return;
+	}
 	if (ev & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR))
 		c->flags |= rd;
 	if (ev & (EPOLLOUT | EPOLLHUP | EPOLLERR))
@@ -455,13 +470,13 @@ static void conn_event(struct l4_worker *w, struct l4_conn *c, unsigned tag, uin
 		if (tag == TAG_BACKEND)
 			connect_done(w, c, 0);
 		else if (ev & (EPOLLERR | EPOLLHUP))
-			conn_close(w, c, 1); /* the client is gone before we got a backend */
+			l4_conn_close(w, c, 1); /* the client is gone before we got a backend */
 		return;
 	}
 	if (ev & EPOLLERR) {
 		/* A reset on one side resets the other, even when no data is
 		 * moving that would have surfaced the error. */
-		conn_close(w, c, 1);
+		l4_conn_close(w, c, 1);
 		return;
 	}
 	conn_pump(w, c);
@@ -475,9 +490,9 @@ static void conn_timeout(struct l4_worker *w, struct l4_conn *c)
 	}
 	uint64_t idle = atomic_load_explicit(&c->svc->idle_timeout_ms, memory_order_relaxed);
 	if (w->now_ms - c->last_ms >= idle)
-		conn_close(w, c, 1);
+		l4_conn_close(w, c, 1);
 	else
-		timer_set(w, c, c->last_ms + idle);
+		l4_timer_set(w, c, c->last_ms + idle);
 }
 
 /* ------------------------------------------------------------- accepting */
@@ -519,6 +534,17 @@ static void original_dst(int fd, int family, struct sockaddr_storage *ss)
 	}
 }
 
+void l4_conn_link(struct l4_worker *w, struct l4_conn *c)
+{
+	c->next = w->conns;
+	if (w->conns)
+		w->conns->prev = c;
+	w->conns = c;
+	atomic_fetch_add_explicit(&c->svc->accepted, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&c->svc->active, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&w->nconns, 1, memory_order_relaxed);
+}
+
 static void new_conn(struct l4_worker *w, struct l4_service *svc, int fd,
 		     const struct sockaddr_storage *peer)
 {
@@ -541,18 +567,12 @@ static void new_conn(struct l4_worker *w, struct l4_service *svc, int fd,
 		original_dst(fd, peer->ss_family, &d);
 		pick_ctx_from(&c->ctx, &d, 1);
 	}
-	c->next = w->conns;
-	if (w->conns)
-		w->conns->prev = c;
-	w->conns = c;
-	atomic_fetch_add_explicit(&svc->accepted, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&svc->active, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&w->nconns, 1, memory_order_relaxed);
+	l4_conn_link(w, c);
 	set_nodelay(fd);
 	if (epoll_add(w, fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET,
 		      (uint64_t)(uintptr_t)c | TAG_CLIENT) < 0) {
 		atomic_fetch_add_explicit(&w->accept_errors, 1, memory_order_relaxed);
-		conn_close(w, c, 1);
+		l4_conn_close(w, c, 1);
 		return;
 	}
 	start_connect(w, c);
@@ -578,6 +598,13 @@ static void do_accept(struct l4_worker *w, uint32_t idx)
 		return;
 	l = &w->listeners[idx];
 	svc = l4_dp_service(w->dp, l->svc_id);
+	if (l->udp) {
+		if (svc != NULL && svc->in_use)
+			l4_udp_recv(w, svc, l->fd);
+		else
+			l4_udp_discard(l->fd);
+		return;
+	}
 	for (i = 0; i < ACCEPT_BATCH; i++) {
 		struct sockaddr_storage peer;
 		socklen_t len = sizeof(peer);
@@ -658,6 +685,7 @@ static void listener_add(struct l4_worker *w, int fd, uint32_t svc_id)
 	w->listeners[w->nlisteners].fd = fd;
 	w->listeners[w->nlisteners].svc_id = svc_id;
 	w->listeners[w->nlisteners].paused = 0;
+	w->listeners[w->nlisteners].udp = l4_udp_listener_setup(fd) == 1;
 	w->nlisteners++;
 }
 
@@ -669,6 +697,9 @@ static void listeners_del(struct l4_worker *w, uint32_t svc_id, int all)
 	for (i = 0; i < w->nlisteners; i++) {
 		struct l4_listener *l = &w->listeners[i];
 		if (all || l->svc_id == svc_id) {
+			/* Flows reply through their listener: they go first. */
+			if (l->udp)
+				l4_udp_close_flows(w, l->fd);
 			close(l->fd);
 			continue;
 		}
@@ -689,7 +720,7 @@ static void reset_slot(struct l4_worker *w, uint32_t slot_id)
 	for (c = w->conns; c; c = next) {
 		next = c->next;
 		if (c->slot && c->slot->id == slot_id)
-			conn_close(w, c, 1);
+			l4_conn_close(w, c, 1);
 	}
 }
 
@@ -796,13 +827,18 @@ static int loop_timeout(struct l4_worker *w)
 static void worker_shutdown(struct l4_worker *w)
 {
 	while (w->conns)
-		conn_close(w, w->conns, 1);
+		l4_conn_close(w, w->conns, 1);
 	run_queue(w);
 	free_dead(w);
 	listeners_del(w, 0, 1);
 	ghosts_expire(&w->ghosts_fin, w->now_ms, 1);
 	ghosts_expire(&w->ghosts_rst, w->now_ms, 1);
 	l4_pipe_pool_flush(w);
+	free(w->flows);
+	w->flows = NULL;
+	w->nflows = w->flow_buckets = 0;
+	free(w->udp_bufs);
+	w->udp_bufs = NULL;
 }
 
 int l4_worker_run(struct l4_worker *w)
