@@ -145,14 +145,16 @@ def parse_iperf3(text: str) -> IperfResult:
     )
 
 
-def run_iperf3(
-    address: str, *, streams: int, seconds: int | None, nbytes: str | None = None
-) -> IperfResult:
-    """Run an iperf3 client through ``address`` for ``seconds`` (or ``nbytes``), 1 s omitted."""
+def run_iperf3(address: str, *, streams: int, seconds: int, omit: int = 1) -> IperfResult:
+    """Run an iperf3 client through ``address`` for ``seconds``, the first ``omit`` not counted.
+
+    Always time-based: with ``-n`` the sender stops as soon as its socket buffers hold the
+    data, and the receiver's total then depends on how much a proxy had in flight.
+    """
     host, _, port = address.rpartition(":")
     argv = ["iperf3", "-c", host, "-p", port, "-P", str(streams), "-J"]
-    argv += ["-n", nbytes] if nbytes else ["-t", str(seconds), "-O", "1"]
-    budget = (seconds or 5) + 30
+    argv += ["-t", str(seconds), "-O", str(omit)]
+    budget = seconds + omit + 30
     last = ""
     for _ in range(10):  # the server needs a moment between tests: "busy" is retried
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=budget, check=False)

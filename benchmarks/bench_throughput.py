@@ -9,7 +9,7 @@ from benchmarks.conftest import Measure, PeerPool, Settings
 
 def _iperf3(address: str, streams: int, settings: Settings) -> Measurement:
     result = run_iperf3(
-        address, streams=streams, seconds=settings.seconds, nbytes=settings.iperf_bytes
+        address, streams=streams, seconds=settings.seconds, omit=settings.iperf_omit
     )
     assert result.bytes > 0, "iperf3 moved no data"
     return Measurement(

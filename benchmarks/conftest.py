@@ -41,7 +41,7 @@ class Settings:
     quick: bool
     rounds: int
     seconds: int
-    iperf_bytes: str | None
+    iperf_omit: int
     idle_conns: int
     idle_conns_requested: int
     peers: tuple[str, ...]
@@ -78,7 +78,7 @@ def _settings(config: pytest.Config) -> Settings:
         quick=quick,
         rounds=_env_int("L4LB_BENCH_ROUNDS", 1 if quick else 3),
         seconds=_env_int("L4LB_BENCH_SECONDS", 1 if quick else 3),
-        iperf_bytes="8M" if quick else None,
+        iperf_omit=0 if quick else 1,
         idle_conns=idle,
         idle_conns_requested=requested,
         peers=peers,

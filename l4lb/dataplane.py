@@ -4,11 +4,11 @@ It turns :class:`~l4lb.state.ServicePlan` operations into calls on the extension
 worker threads and the listening sockets until they are handed over, and maps the
 extension's numeric service and slot ids to names and addresses.
 
-Ids are never reused while anything in C may still refer to them: a removed service or
-destination is "retired" and its id comes back only once its counters say that no
-connection (active or in its inactive time) and no affinity template points at it. As in
-IPVS, re-adding an address that was just removed from a service revives the same slot,
-counters included.
+Ids are never reused while anything in C may still refer to them: a removed service is
+"retired" and its id comes back, with zeroed counters, only once no connection and no
+affinity template belongs to it any more. As in IPVS, re-adding an address that was just
+removed from a service revives the same destination slot, counters included; a service
+whose protocol or listen address changed is a new virtual service and starts afresh.
 """
 
 from __future__ import annotations
@@ -130,9 +130,11 @@ class Dataplane:
         self._threads: list[threading.Thread] = []
         self._services: dict[str, _Service] = {}
         self._next_service = 0
-        self._retired_services: list[int] = []
+        self._retired_services: list[int] = []  # removed, maybe still referenced
+        self._free_services: list[int] = []  # removed and quiescent: reusable
         self._next_slot = 0
-        self._retired_slots: dict[tuple[str, str], int] = {}  # (service, address) -> slot
+        # (protocol, listen, backend address) -> slot: IPVS's trash of deleted destinations
+        self._retired_slots: dict[tuple[str, str, str], int] = {}
         self._on_worker_exit = on_worker_exit
 
     # ------------------------------------------------------------------ threads
@@ -207,15 +209,20 @@ class Dataplane:
     ) -> None:
         if socks is None:
             socks = _bind_listeners(spec.listen, self.workers, spec.protocol)
-        sid = self._retired_services.pop() if self._retired_services else self._new_service_id()
+        if self._free_services:
+            sid = self._free_services.pop()
+            self._dp.service_reset_counters(sid)
+        else:
+            sid = self._new_service_id()
         try:
             self._configure(sid, spec)
         except BaseException:
             for s in socks:
                 s.close()
-            self._retired_services.append(sid)
+            self._free_services.append(sid)
             raise
-        svc = _Service(sid, spec, spec.listen)
+        port = socks[0].getsockname()[1]
+        svc = _Service(sid, spec, Address(spec.listen.host, port, spec.listen.family))
         self._services[spec.name] = svc
         try:
             self._apply_ops(svc, ops)
@@ -224,7 +231,7 @@ class Dataplane:
                 s.close()
             self._remove(spec.name)
             raise
-        svc.bound = self._hand_over(sid, socks, spec.listen)
+        self._hand_over(sid, socks)
 
     def _new_service_id(self) -> int:
         sid = self._next_service
@@ -245,18 +252,17 @@ class Dataplane:
             retries=spec.retries,
         )
 
-    def _hand_over(self, sid: int, socks: list[socket.socket], want: Address) -> Address:
-        port = socks[0].getsockname()[1]
+    def _hand_over(self, sid: int, socks: list[socket.socket]) -> None:
         for i, s in enumerate(socks):
             self._dp.add_listener(i, sid, s.detach())
-        return Address(want.host, port, want.family)
 
     def _apply_ops(self, svc: _Service, ops: Iterable[DestOp]) -> None:
         for op in ops:
             key = str(op.dest.address)
             d = op.dest
+            trash_key = (svc.spec.protocol, str(svc.bound), key)
             if op.kind == "add":
-                slot = self._retired_slots.pop((svc.spec.name, key), None)
+                slot = self._retired_slots.pop(trash_key, None)
                 if slot is None:
                     slot = self._next_slot
                     self._next_slot += 1
@@ -277,7 +283,7 @@ class Dataplane:
             else:
                 slot = svc.slots.pop(key)
                 self._dp.dest_del(svc.id, slot)
-                self._retired_slots[(svc.spec.name, key)] = slot
+                self._retired_slots[trash_key] = slot
 
     def _remove(self, name: str) -> None:
         svc = self._services.pop(name, None)
@@ -286,16 +292,22 @@ class Dataplane:
         self._dp.remove_listeners(svc.id)
         self._dp.service_clear(svc.id)
         for key, slot in svc.slots.items():
-            self._retired_slots[(name, key)] = slot
+            self._retired_slots[(svc.spec.protocol, str(svc.bound), key)] = slot
         self._retired_services.append(svc.id)
 
     def _reclaim(self) -> None:
-        """Forget retired slots that nothing refers to any more (IPVS empties its trash)."""
+        """Forget retired slots that nothing refers to any more (IPVS empties its trash),
+        and make retired service ids reusable once nothing belongs to them."""
         for key, slot in list(self._retired_slots.items()):
             st = self._dp.slot_stats(slot)
             if st[0] == 0 and st[1] == 0 and st[7] == 0:
                 del self._retired_slots[key]
         # Slot ids themselves are cheap; they are not recycled.
+        for sid in list(self._retired_services):
+            _, active, _, _, templates = self._dp.service_stats(sid)
+            if active == 0 and templates == 0:
+                self._retired_services.remove(sid)
+                self._free_services.append(sid)
 
     def reset_backend(self, name: str, address: str) -> None:
         """Reset every open connection of one service to one backend (e.g. it went down)."""

@@ -178,6 +178,10 @@ cdef class Dataplane:
         """Delete every destination of the service and mark it unused."""
         l4_service_clear(self._service(svc_id))
 
+    def service_reset_counters(self, int svc_id):
+        """Zero a quiescent service's cumulative counters before its id is reused."""
+        l4_service_reset_counters(self._service(svc_id))
+
     def dest_add(self, int svc_id, int slot_id, str host, int port, int weight,
                  int upper=0, int lower=0):
         """Add destination host:port in slot ``slot_id`` at the list head."""

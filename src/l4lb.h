@@ -22,6 +22,9 @@ void l4_service_init(struct l4_service *svc, uint32_t id);
 int l4_service_configure(struct l4_service *svc, const char *sched, uint32_t flags,
 			 uint32_t persist_timeout_ms, uint8_t netmask4, uint8_t netmask6,
 			 uint8_t expire_quiescent);
+/* Zero the cumulative counters of a service id about to be reused (only
+ * once nothing refers to its previous life: no connection, no template). */
+void l4_service_reset_counters(struct l4_service *svc);
 /* Unlink every dest and mark the service unused.  Slots stay valid. */
 void l4_service_clear(struct l4_service *svc);
 int l4_dest_add(struct l4_service *svc, struct l4_slot *slot, int32_t weight, uint32_t u,

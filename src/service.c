@@ -205,6 +205,13 @@ int l4_dest_del(struct l4_service *svc, struct l4_slot *slot)
 	return rc;
 }
 
+void l4_service_reset_counters(struct l4_service *svc)
+{
+	atomic_store(&svc->accepted, 0);
+	atomic_store(&svc->rejected, 0);
+	atomic_store(&svc->failed, 0);
+}
+
 void l4_service_clear(struct l4_service *svc)
 {
 	pthread_mutex_lock(&svc->lock);

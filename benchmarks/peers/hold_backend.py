@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import signal
+import threading
 from pathlib import Path
 
 from l4lb._testbase import NamedServer
@@ -22,12 +23,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ready-file", type=Path, required=True)
     args = parser.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: None)  # only to interrupt pause()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with NamedServer("hold", hold=True) as server:
         tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "address": server.address}))
         os.replace(tmp, args.ready_file)
-        signal.pause()
+        # Polling, not signal.pause(): the kernel may deliver SIGTERM to the server thread,
+        # and then pause() in the main thread would never return.
+        while not stop.wait(0.1):
+            pass
 
 
 if __name__ == "__main__":

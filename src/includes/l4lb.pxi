@@ -84,6 +84,7 @@ cdef extern from "l4lb.h" nogil:
                              uint32_t persist_timeout_ms, uint8_t netmask4, uint8_t netmask6,
                              uint8_t expire_quiescent) noexcept
     void l4_service_clear(l4_service *svc) noexcept
+    void l4_service_reset_counters(l4_service *svc) noexcept
     int l4_dest_add(l4_service *svc, l4_slot *slot, int32_t weight, uint32_t u,
                     uint32_t l) noexcept
     int l4_dest_edit(l4_service *svc, l4_slot *slot, int32_t weight, uint32_t u,

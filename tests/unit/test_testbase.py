@@ -304,7 +304,7 @@ def test_dumps_toml_rejects_unsupported_values() -> None:
 # atomically, GET /healthz and /api/v1/services, SIGHUP reloads, SIGTERM exits 0.
 _STANDIN = textwrap.dedent(
     """
-    import argparse, json, os, signal, socket, sys, threading, tomllib
+    import argparse, json, os, signal, socket, sys, threading, time, tomllib
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     p = argparse.ArgumentParser()
@@ -372,8 +372,8 @@ _STANDIN = textwrap.dedent(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     write_ready()
     print("serving", file=sys.stderr, flush=True)
-    while True:
-        signal.pause()
+    while True:  # not signal.pause(): the signal may land on the HTTP thread
+        time.sleep(0.05)
     """
 )
 
@@ -542,14 +542,14 @@ def test_plugin_fails_teardown_when_l4lb_does_not_exit_cleanly(
     script.write_text(
         textwrap.dedent(
             """
-            import json, os, signal, sys
+            import json, os, signal, sys, time
             ready = sys.argv[sys.argv.index("--ready-file") + 1]
             signal.signal(signal.SIGTERM, lambda *_: sys.exit(3))
             with open(ready, "w") as f:
                 json.dump({"pid": os.getpid(), "admin": "127.0.0.1:1", "services": {}}, f)
             print("about to fail", file=sys.stderr, flush=True)
             while True:
-                signal.pause()
+                time.sleep(0.05)
             """
         ),
         encoding="utf-8",
