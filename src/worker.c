@@ -377,6 +377,11 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 			p->off = p->data ? p->off + (uint32_t)n : 0;
 			atomic_fetch_add_explicit(bytes, (uint64_t)n, memory_order_relaxed);
 			progress = 1;
+			/* A short write means the socket buffer is full; the
+			 * edge-triggered EPOLLOUT says when there is room again,
+			 * so spare the syscall that would only say EAGAIN. */
+			if (p->data)
+				c->flags &= ~wr;
 		} else if (n < 0 && errno == EAGAIN) {
 			c->flags &= ~wr;
 		} else if (n < 0 && errno != EINTR) {
@@ -389,12 +394,17 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 			if (p == NULL)
 				return -ENOMEM;
 		}
+		uint32_t want = p->buf ? size - p->off - p->data : size - p->data;
 		if (p->buf)
-			n = read(src, p->buf + p->off + p->data, size - p->off - p->data);
+			n = read(src, p->buf + p->off + p->data, want);
 		else
-			n = splice(src, NULL, p->wfd, NULL, size - p->data,
-				   SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+			n = splice(src, NULL, p->wfd, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 		if (n > 0) {
+			/* A short read() means the socket is drained, and new data
+			 * raises a new edge.  Not so for splice, which also stops
+			 * short when the pipe runs out of buffer slots. */
+			if ((uint32_t)n < want && p->buf)
+				c->flags &= ~rd;
 			p->data += (uint32_t)n;
 			progress = 1;
 		} else if (n == 0) {
