@@ -49,7 +49,7 @@ def _direct(backend: str, workdir: Path, max_conns: int) -> Front:
     return Front("direct", backend, pids=lambda: [], stop=lambda: None)
 
 
-def _l4lb(backend: str, workdir: Path, max_conns: int) -> Front:
+def _l4lb(backend: str, workdir: Path, max_conns: int, *, affinity: float = 0.0) -> Front:
     config = {
         "admin": {"listen": "127.0.0.1:0"},
         "dataplane": {"workers": 1},
@@ -58,6 +58,7 @@ def _l4lb(backend: str, workdir: Path, max_conns: int) -> Front:
                 "name": "bench",
                 "listen": "127.0.0.1:0",
                 "scheduler": "rr",
+                "affinity_timeout": affinity,
                 "backends": [{"address": backend, "weight": 1}],
             }
         ],
@@ -68,12 +69,17 @@ def _l4lb(backend: str, workdir: Path, max_conns: int) -> Front:
     except L4lbStartError as exc:
         raise PeerUnavailable(f"l4lb: {exc}") from exc
     return Front(
-        "l4lb",
+        "l4lb-affinity" if affinity else "l4lb",
         proc.service_address("bench"),
         pids=lambda: [proc.pid],
         stop=proc.stop,
-        info={"mode": "splice", "workers": "1"},
+        info={"mode": "splice", "workers": "1", "affinity_timeout": f"{affinity:g}"},
     )
+
+
+def _l4lb_affinity(backend: str, workdir: Path, max_conns: int) -> Front:
+    """l4lb with client-IP affinity on: the cost of a template per client."""
+    return _l4lb(backend, workdir, max_conns, affinity=300.0)
 
 
 def _haproxy(backend: str, workdir: Path, max_conns: int) -> Front:
@@ -205,6 +211,7 @@ def _ipvs(backend: str, workdir: Path, max_conns: int) -> Front:
 PEERS: dict[str, Callable[[str, Path, int], Front]] = {
     "direct": _direct,
     "l4lb": _l4lb,
+    "l4lb-affinity": _l4lb_affinity,
     "haproxy": _haproxy,
     "nginx": _nginx,
     "asyncio": _asyncio,

@@ -27,7 +27,7 @@ from benchmarks._results import L4LB, Summary, summarize
 
 __all__ = ["main", "render"]
 
-PEER_ORDER = ("direct", "haproxy", "nginx", "asyncio", "iptables-dnat", "ipvs")
+PEER_ORDER = ("direct", "l4lb-affinity", "haproxy", "nginx", "asyncio", "iptables-dnat", "ipvs")
 COMMAND = (
     "python3 -m pytest benchmarks -p no:cacheprovider --benchmark-only "
     "--benchmark-json=results.json && python3 -m benchmarks.report results.json"
