@@ -421,7 +421,10 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 		}
 	}
 	if ((c->flags & eof) && (!p || p->data == 0) && !(c->flags & shut)) {
-		(void)shutdown(dst, SHUT_WR);
+		/* When the other way is already shut, the connection closes
+		 * right after this and close() sends the FIN by itself. */
+		if ((c->flags & (L4_C_SHUT | L4_B_SHUT)) == 0)
+			(void)shutdown(dst, SHUT_WR);
 		c->flags |= shut;
 		progress = 1;
 	}
