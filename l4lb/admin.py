@@ -404,6 +404,19 @@ OPENAPI: dict[str, Any] = {
                     "bytes_in": _COUNT,
                     "bytes_out": _COUNT,
                     "connect_errors": _COUNT,
+                    "overloaded": {"type": "boolean"},
+                    "health": {
+                        "description": "null when the service has no health checks",
+                        "type": "object",
+                        "nullable": True,
+                        "properties": {
+                            "state": {"type": "string"},
+                            "reason": {"type": "string"},
+                            "since": {"type": "number"},
+                            "transitions": _COUNT,
+                            "last_check": {"type": "object", "nullable": True},
+                        },
+                    },
                 },
             },
             "Service": {

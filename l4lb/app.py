@@ -12,11 +12,16 @@ Lifecycle:
 
 Runtime changes made through the admin API (weights, drain) last until the next reload,
 which applies the file as written, as ``ipvsadm`` changes do under keepalived.
+
+Health checks (:mod:`l4lb.health`) are one more input to the desired state: every health
+transition and slow-start step re-programs the data plane, coalesced so that a burst of
+transitions costs one programming pass.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import resource
@@ -29,13 +34,16 @@ import orjson
 
 from l4lb import _version
 from l4lb.admin import AdminServer
-from l4lb.config import Config, ConfigError, load_config
+from l4lb.config import Address, Config, ConfigError, load_config
 from l4lb.dataplane import Dataplane
+from l4lb.health import HealthMonitor, Transition
 from l4lb.state import Override, ServiceSpec, desired_state, plan
 
 log = logging.getLogger("l4lb")
 
 DRAIN_POLL = 0.05
+#: Health transitions within this many seconds are programmed together.
+PROGRAM_COALESCE = 0.05
 
 
 def raise_fd_limit(wanted: int) -> int:
@@ -74,6 +82,9 @@ class App:
         self.applied: dict[str, ServiceSpec] = {}
         self.overrides: dict[tuple[str, str], Override] = {}
         self.failed: dict[str, str] = {}
+        self.health = HealthMonitor(self._health_changed, self._consecutive_failures)
+        self._pending_resets: set[tuple[str, str]] = set()
+        self._program_handle: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
         self.fd_limit = 0
         self._serving = False
@@ -105,7 +116,9 @@ class App:
         )
         self.dataplane.start()
         try:
-            self._program(desired_state(cfg))
+            self.health.update(cfg)
+            self._program_now()
+            self.health.start()
             self.admin = AdminServer(self, cfg.admin.listen.host, cfg.admin.listen.port)
             await self.admin.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -131,6 +144,10 @@ class App:
             self._loop.call_soon_threadsafe(self._stop.set)
 
     async def _shutdown(self) -> None:
+        if self._program_handle is not None:
+            self._program_handle.cancel()
+            self._program_handle = None
+        await self.health.close()
         dp = self.dataplane
         if dp is not None:
             dp.drain()
@@ -185,6 +202,70 @@ class App:
         self.applied = {n: s for n, s in desired.items() if n in programmed and n not in errors}
         self.failed = errors
 
+    def _program_now(self) -> None:
+        """Program config, overrides and health as they are now; schedule slow start."""
+        if self._program_handle is not None:
+            self._program_handle.cancel()
+            self._program_handle = None
+        assert self.config is not None
+        self._program(desired_state(self.config, self.overrides, self.health.states()))
+        self._reset_downed()
+        delay = self.health.ramp_delay()
+        if delay is not None:
+            self._request_program(delay)
+
+    def _request_program(self, delay: float = PROGRAM_COALESCE) -> None:
+        """Program within ``delay`` seconds, together with whatever else comes up meanwhile."""
+        if self._loop is None:
+            return
+        when = self._loop.time() + delay
+        if self._program_handle is not None:
+            if self._program_handle.when() <= when:
+                return
+            self._program_handle.cancel()
+        self._program_handle = self._loop.call_at(when, self._programmed_later)
+
+    def _programmed_later(self) -> None:
+        self._program_handle = None
+        if self.dataplane is not None and self.config is not None:
+            self._program_now()
+
+    def _health_changed(self, transition: Transition) -> None:
+        if not transition.up:
+            hcfg = self.health.config(transition.service)
+            if hcfg is not None and hcfg.on_down == "reset":
+                self._pending_resets.add((transition.service, transition.address))
+        self._request_program()
+
+    def _reset_downed(self) -> None:
+        """on_down = "reset": reset the connections of backends just taken out of service.
+
+        Runs after programming, so no new connection reaches them in between; a backend
+        still programmed with a weight (back up, or all_down = "all") is left alone.
+        """
+        assert self.dataplane is not None
+        pending, self._pending_resets = self._pending_resets, set()
+        for service, address in sorted(pending):
+            spec = self.applied.get(service)
+            if spec is None or self.health.is_up(service, address):
+                continue
+            if any(str(d.address) == address and d.weight for d in spec.dests):
+                continue
+            try:
+                self.dataplane.reset_backend(service, address)
+            except KeyError:  # removed by a reload in the meantime
+                continue
+            log.info("backend %s of %s: open connections reset (on_down = reset)", address, service)
+
+    def _consecutive_failures(self, service: str, address: str) -> int | None:
+        """The passive health signal: the data plane's consecutive connect failures."""
+        if self.dataplane is None or service not in self.applied:
+            return None
+        try:
+            return self.dataplane.slot_stats(service, address).consecutive_failures
+        except KeyError:
+            return None
+
     def reload(self) -> None:
         """SIGHUP: re-read the config file and apply the difference."""
         try:
@@ -199,7 +280,8 @@ class App:
             log.warning("reload: [admin] changes take effect only after a restart")
         self.config = cfg
         self.overrides.clear()
-        self._program(desired_state(cfg))
+        self.health.update(cfg)
+        self._program_now()
         self._write_ready_file()
         log.info("reloaded %s: %d service(s)", self.config_path, len(self.applied))
 
@@ -218,8 +300,12 @@ class App:
             cfg_svc = self.config.service(service)
         except KeyError:
             raise LookupError(f"no service named {service!r}") from None
+        spelled = address
+        with contextlib.suppress(ValueError, TypeError):
+            # Any valid spelling names the backend ("[0:0::1]:80" is "[::1]:80").
+            address = str(Address.parse(address))
         if not any(str(b.address) == address for b in cfg_svc.backends):
-            raise LookupError(f"service {service!r} has no backend {address}")
+            raise LookupError(f"service {service!r} has no backend {spelled}")
         if weight is not None and not 0 <= weight <= 65535:
             raise ValueError(f"weight must be from 0 to 65535, got {weight}")
         key = (service, address)
@@ -228,11 +314,11 @@ class App:
             weight=old.weight if weight is None else weight,
             drain=old.drain if drain is None else drain,
         )
-        self._program(desired_state(self.config, self.overrides))
+        self._program_now()
         for b in self._service_doc(service)["backends"]:
             if b["address"] == address:
                 return b
-        raise LookupError(f"service {service!r} has no backend {address}")
+        raise LookupError(f"service {service!r} has no backend {spelled}")
 
     def snapshot(self) -> dict[str, Any]:
         """Services, backends and counters as plain JSON-able data."""
@@ -265,6 +351,7 @@ class App:
         for addr in dp.dest_order(name):
             st = dp.slot_stats(name, addr)
             ov = self.overrides.get((name, addr), Override())
+            health = self.health.get(name, addr)
             weight = ov.weight if ov.weight is not None else cfg_weights.get(addr, 0)
             total_in += st.bytes_in
             total_out += st.bytes_out
@@ -274,7 +361,7 @@ class App:
                     "weight": weight,
                     "effective_weight": dests[addr].weight if addr in dests else 0,
                     "drain": ov.drain,
-                    "up": True,
+                    "up": self.health.is_up(name, addr),
                     "overloaded": dp.overloaded(name, addr),
                     "active": st.active,
                     "inactive": st.inactive,
@@ -282,6 +369,7 @@ class App:
                     "bytes_in": st.bytes_in,
                     "bytes_out": st.bytes_out,
                     "connect_errors": st.connect_errors,
+                    "health": None if health is None else health.as_dict(),
                 }
             )
         sst = dp.service_stats(name)

@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataplaneConfig",
+    "HealthConfig",
     "ServiceConfig",
     "load_config",
     "parse_config",
@@ -49,6 +50,8 @@ _MAX_PORT = 65535
 _MAX_WEIGHT = 65535
 _MAX_THRESHOLD = 65535
 _DAY = 86400.0
+_HEALTH_INTERVAL = 2.0
+_HEALTH_TIMEOUT = 1.0
 
 
 class ConfigError(Exception):
@@ -181,6 +184,33 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """A ``[services.health]`` table: how backends are checked and what "down" does.
+
+    Its presence turns health checking on for the service; without it every backend is
+    always up. See :mod:`l4lb.health` for the semantics of each setting.
+    """
+
+    kind: str = "tcp"
+    interval: float = _HEALTH_INTERVAL
+    timeout: float = _HEALTH_TIMEOUT
+    rise: int = 2
+    fall: int = 3
+    port: int | None = None
+    jitter: float = 0.1
+    initial: str = "up"
+    http_path: str = "/"
+    http_host: str | None = None
+    http_method: str = "GET"
+    expect_status: tuple[int, int] = (200, 399)
+    expect_body: str | None = None
+    passive: bool = True
+    slowstart: float = 0.0
+    on_down: str = "keep"
+    all_down: str = "reject"
+
+
+@dataclass(frozen=True, slots=True)
 class ServiceConfig:
     """One ``[[services]]`` entry (an IPVS virtual service)."""
 
@@ -199,6 +229,7 @@ class ServiceConfig:
     drain_timeout: float | None = None
     retries: int | None = None
     backends: tuple[BackendConfig, ...] = ()
+    health: HealthConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -474,6 +505,84 @@ def _netmask4(value: object, path: str) -> int:
     return value
 
 
+def _choice(*choices: str) -> _Check:
+    """One of a few fixed strings."""
+    shown = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+
+    def check(value: object, path: str) -> str:
+        text = _string(value, path)
+        if text not in choices:
+            raise _Invalid(
+                path, f"must be {shown}, got {_show(text)}{_did_you_mean(text, choices)}"
+            )
+        return text
+
+    return check
+
+
+def _fraction(high: float) -> _Check:
+    expected = f"must be a number from 0 to {high:g}"
+
+    def check(value: object, path: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(path, f"{expected}, {_got(value)}")
+        if not 0 <= value <= high or (isinstance(value, float) and not math.isfinite(value)):
+            raise _Invalid(path, f"{expected}, got {_show(value)}")
+        return float(value)
+
+    return check
+
+
+_STATUS_EXPECTED = "must be [low, high] with HTTP status codes from 100 to 599, or one such code"
+
+
+def _status_code(value: object, path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(path, f"{_STATUS_EXPECTED}, {_got(value)}")
+    if not 100 <= value <= 599:
+        raise _Invalid(path, f"{_STATUS_EXPECTED}, got {_show(value)}")
+    return value
+
+
+def _status_range(value: object, path: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        code = _status_code(value, path)
+        return (code, code)
+    if not isinstance(value, list | tuple):
+        raise _Invalid(path, f"{_STATUS_EXPECTED}, {_got(value)}")
+    if len(value) != 2:
+        raise _Invalid(path, f"{_STATUS_EXPECTED}, got an array of {len(value)}")
+    low, high = (_status_code(v, f"{path}[{i}]") for i, v in enumerate(value))
+    if low > high:
+        raise _Invalid(path, f"low must not exceed high, got [{low}, {high}]")
+    return (low, high)
+
+
+# Request-line and header text: visible ASCII only, so nothing can end a line early.
+_TOKEN_RE = re.compile(r"[\x21-\x7e]{1,1024}")
+
+
+def _http_path(value: object, path: str) -> str:
+    text = _string(value, path)
+    if not text.startswith("/") or _TOKEN_RE.fullmatch(text) is None:
+        raise _Invalid(
+            path,
+            "must start with '/' and contain only visible ASCII characters (no spaces), "
+            f"got {_show(text)}",
+        )
+    return text
+
+
+def _http_host(value: object, path: str) -> str:
+    text = _string(value, path)
+    if _TOKEN_RE.fullmatch(text) is None or len(text) > 255:
+        raise _Invalid(
+            path,
+            f"must be 1 to 255 visible ASCII characters (no spaces), got {_show(text)}",
+        )
+    return text
+
+
 def _did_you_mean(word: str, choices: Sequence[str] | frozenset[str]) -> str:
     close = difflib.get_close_matches(word, sorted(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -556,6 +665,27 @@ _SERVICE_FIELDS = (
     _Field("retries", _optional(_integer(0, 100))),
 )
 
+_HEALTH_FIELDS = (
+    _Field("kind", _choice("tcp", "http")),
+    _Field("interval", _seconds(3600.0, positive=True)),
+    _Field("timeout", _seconds(3600.0, positive=True)),
+    _Field("rise", _integer(1, 100)),
+    _Field("fall", _integer(1, 100)),
+    _Field("port", _optional(_integer(1, _MAX_PORT))),
+    _Field("jitter", _fraction(0.5)),
+    _Field("initial", _choice("up", "down")),
+    _Field("http_path", _http_path),
+    _Field("http_host", _optional(_http_host)),
+    _Field("http_method", _choice("GET", "HEAD")),
+    _Field("expect_status", _status_range),
+    _Field("expect_body", _optional(_nonempty_string)),
+    _Field("passive", _boolean),
+    _Field("slowstart", _seconds(3600.0)),
+    _Field("on_down", _choice("keep", "reset")),
+    _Field("all_down", _choice("reject", "all")),
+)
+_HTTP_ONLY_KEYS = ("http_path", "http_host", "http_method", "expect_status", "expect_body")
+
 _ROOT_KEYS = ("admin", "dataplane", "services")
 
 
@@ -574,10 +704,13 @@ def _parse_root(data: object, source: str) -> Config:
 
 
 def _parse_service(table: Mapping[Any, Any], path: str) -> ServiceConfig:
-    values = _fields(table, path, _SERVICE_FIELDS, extra=("backends",))
+    values = _fields(table, path, _SERVICE_FIELDS, extra=("backends", "health"))
     tables = _array_of_tables(table.get("backends", []), f"{path}.backends")
     backends = tuple(_parse_backend(t, f"{path}.backends[{i}]") for i, t in enumerate(tables))
-    svc = ServiceConfig(**values, backends=backends)
+    health = None
+    if "health" in table:
+        health = _parse_health(_table(table["health"], f"{path}.health"), f"{path}.health")
+    svc = ServiceConfig(**values, backends=backends, health=health)
     for flag in ("sh_fallback", "sh_port"):
         if getattr(svc, flag) and svc.scheduler != "sh":
             raise _Invalid(
@@ -593,6 +726,31 @@ def _parse_service(table: Mapping[Any, Any], path: str) -> ServiceConfig:
                 f"duplicate backend {backend.address} (also {path}.backends[{first}])",
             )
     return svc
+
+
+def _parse_health(table: Mapping[Any, Any], path: str) -> HealthConfig:
+    values = _fields(table, path, _HEALTH_FIELDS)
+    if "timeout" not in values:
+        # An unset timeout follows a short interval down instead of contradicting it.
+        values["timeout"] = min(_HEALTH_TIMEOUT, values.get("interval", _HEALTH_INTERVAL))
+    health = HealthConfig(**values)
+    if health.timeout > health.interval:
+        raise _Invalid(
+            f"{path}.timeout",
+            f"must not exceed interval ({health.interval:g} s), got {health.timeout:g}",
+        )
+    if health.kind != "http":
+        for key in _HTTP_ONLY_KEYS:
+            if key in table:
+                raise _Invalid(
+                    f"{path}.{key}",
+                    f"only meaningful with kind = 'http' (kind is {health.kind!r})",
+                )
+    if health.expect_body is not None and health.http_method == "HEAD":
+        raise _Invalid(
+            f"{path}.expect_body", "a HEAD response has no body: use http_method = 'GET'"
+        )
+    return health
 
 
 def _parse_backend(table: Mapping[Any, Any], path: str) -> BackendConfig:

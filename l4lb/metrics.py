@@ -142,12 +142,34 @@ def _backend_families(services: list[Snapshot]) -> Iterator[Metric]:
                 family.add_metric([service["name"], backend["address"]], backend[key])
         yield family
     up = GaugeMetricFamily(
-        "l4lb_backend_up", "1 if the backend passes health checks, else 0.", labels=labels
+        "l4lb_backend_up",
+        "1 if the backend is up (passes its health checks, or is not checked), else 0.",
+        labels=labels,
+    )
+    transitions = CounterMetricFamily(
+        "l4lb_backend_health_transitions_total",
+        "Health state changes of the backend (up to down or down to up).",
+        labels=labels,
+    )
+    duration = GaugeMetricFamily(
+        "l4lb_backend_health_check_duration_seconds",
+        "How long the backend's last active health check took.",
+        labels=labels,
     )
     for service in services:
         for backend in service["backends"]:
-            up.add_metric([service["name"], backend["address"]], 1 if backend["up"] else 0)
+            names = [service["name"], backend["address"]]
+            up.add_metric(names, 1 if backend["up"] else 0)
+            # Unchecked backends (no [services.health]) have no health samples at all.
+            health = backend.get("health")
+            if health is None:
+                continue
+            transitions.add_metric(names, health["transitions"])
+            if health.get("last_check") is not None:
+                duration.add_metric(names, health["last_check"]["duration"])
     yield up
+    yield transitions
+    yield duration
 
 
 def make_registry(source: Callable[[], Snapshot]) -> CollectorRegistry:

@@ -11,6 +11,7 @@ Everything here is pure: no I/O, no clocks, no mutation of the inputs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -23,11 +24,13 @@ __all__ = [
     "FLAG_SH_PORT",
     "DestOp",
     "DestSpec",
+    "Health",
     "Override",
     "ServicePlan",
     "ServiceSpec",
     "desired_state",
     "plan",
+    "ramped_weight",
 ]
 
 # IPVS service flags (include/uapi/linux/ip_vs.h): IP_VS_SVC_F_PERSISTENT, _SCHED1, _SCHED2.
@@ -45,6 +48,26 @@ class Override:
 
     weight: int | None = None
     drain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What health checking says about one backend, as an input to :func:`desired_state`.
+
+    A down backend is programmed with weight 0 (keepalived's ``inhibit_on_failure``), so
+    it keeps its place in the destination list and its open connections. ``ramp`` is the
+    slow-start fraction of the weight an up backend gets, in (0, 1].
+    """
+
+    up: bool = True
+    ramp: float = 1.0
+
+
+def ramped_weight(weight: int, ramp: float) -> int:
+    """``weight`` scaled by a slow-start ``ramp``, never 0 unless ``weight`` is 0."""
+    if weight <= 0 or ramp >= 1.0:
+        return weight
+    return max(1, math.floor(weight * ramp))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,21 +138,33 @@ class ServicePlan:
 
 
 def desired_state(
-    cfg: Config, overrides: Mapping[tuple[str, str], Override] | None = None
+    cfg: Config,
+    overrides: Mapping[tuple[str, str], Override] | None = None,
+    health: Mapping[tuple[str, str], Health] | None = None,
 ) -> dict[str, ServiceSpec]:
-    """Resolve ``cfg`` and runtime ``overrides`` into specs, keyed by name in config order.
+    """Resolve ``cfg``, runtime ``overrides`` and ``health`` into specs, keyed by name in
+    config order.
 
-    ``overrides`` is keyed by ``(service name, str(backend address))``; entries naming
-    no configured backend are ignored, so stale overrides are harmless.
+    ``overrides`` and ``health`` are keyed by ``(service name, str(backend address))``;
+    entries naming no configured backend are ignored, so stale ones are harmless. A
+    backend without a health entry is up at full weight, and health is ignored for a
+    service without a ``[services.health]`` table. Drain wins over everything. When every
+    backend of a service is down, its ``all_down`` policy decides: "reject" programs them
+    all with weight 0, "all" programs them as if health checking were off.
     """
     overrides = overrides or {}
+    health = health or {}
     return {
-        svc.name: _service_spec(svc, cfg.dataplane.drain_timeout, overrides) for svc in cfg.services
+        svc.name: _service_spec(svc, cfg.dataplane.drain_timeout, overrides, health)
+        for svc in cfg.services
     }
 
 
 def _service_spec(
-    svc: ServiceConfig, default_drain: float, overrides: Mapping[tuple[str, str], Override]
+    svc: ServiceConfig,
+    default_drain: float,
+    overrides: Mapping[tuple[str, str], Override],
+    health: Mapping[tuple[str, str], Health],
 ) -> ServiceSpec:
     flags = 0
     if svc.affinity_timeout > 0:
@@ -138,15 +173,19 @@ def _service_spec(
         flags |= FLAG_SH_FALLBACK
     if svc.sh_port:
         flags |= FLAG_SH_PORT
+    states = _health_of(svc, health)
     dests = []
     for backend in svc.backends:
-        override = overrides.get((svc.name, str(backend.address)))
+        key = str(backend.address)
+        override = overrides.get((svc.name, key))
         weight = backend.weight
-        if override is not None:
-            if override.drain:
-                weight = 0
-            elif override.weight is not None:
-                weight = override.weight
+        if override is not None and override.weight is not None:
+            weight = override.weight
+        state = states.get(key)
+        if override is not None and override.drain:
+            weight = 0
+        elif state is not None:
+            weight = ramped_weight(weight, state.ramp) if state.up else 0
         dests.append(
             DestSpec(
                 address=backend.address,
@@ -171,6 +210,21 @@ def _service_spec(
         retries=-1 if svc.retries is None else svc.retries,
         dests=tuple(dests),
     )
+
+
+def _health_of(svc: ServiceConfig, health: Mapping[tuple[str, str], Health]) -> dict[str, Health]:
+    """The health entries that apply to ``svc``'s backends, after its all_down policy."""
+    if svc.health is None or not svc.backends:
+        return {}
+    states = {}
+    for backend in svc.backends:
+        state = health.get((svc.name, str(backend.address)))
+        if state is not None:
+            states[str(backend.address)] = state
+    all_down = len(states) == len(svc.backends) and not any(s.up for s in states.values())
+    if all_down and svc.health.all_down == "all":
+        return {}
+    return states
 
 
 def plan(old: Mapping[str, ServiceSpec], new: Mapping[str, ServiceSpec]) -> list[ServicePlan]:

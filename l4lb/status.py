@@ -98,23 +98,33 @@ def render_table(doc: Mapping[str, Any], *, stats: bool = True) -> str:
 
     One line per service (protocol, listen address, scheduler, persistence), then one
     line per backend in the order given, with ``DRAIN``/``DOWN`` after the columns.
-    ``stats`` adds connection and byte totals. The result ends with a newline.
+    ``stats`` adds connection and byte totals. When any backend is health checked, a
+    ``LastCheck`` column shows what its last check found ("-" before the first one or
+    for an unchecked backend). The result ends with a newline.
     """
     columns = _COLUMNS + _STATS_COLUMNS if stats else _COLUMNS
+    checked = any(b.get("health") for s in doc["services"] for b in s["backends"])
     header = ["  -> RemoteAddress:Port", *(title for title, _ in columns)]
     # Service lines stay free text; backend rows share one set of column widths.
-    entries: list[str | tuple[list[str], str]] = []
+    entries: list[str | tuple[list[str], str, str]] = []
     for service in doc["services"]:
         entries.append(_service_line(service))
         for backend in service["backends"]:
             cells = [f"  -> {backend['address']}", *(str(backend[key]) for _, key in columns)]
-            entries.append((cells, _markers(backend)))
+            entries.append((cells, _last_check(backend), _markers(backend)))
     rows = [header, *(entry[0] for entry in entries if not isinstance(entry, str))]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    checks = [entry[1] for entry in entries if not isinstance(entry, str)]
+    check_width = max(map(len, ["LastCheck", *checks])) if checked else 0
 
-    lines = ["Prot LocalAddress:Port Scheduler Flags", _format_row(header, widths, "")]
+    head = _format_row(header, widths, "", "LastCheck" if checked else "", check_width)
+    lines = ["Prot LocalAddress:Port Scheduler Flags", head]
     for entry in entries:
-        lines.append(entry if isinstance(entry, str) else _format_row(entry[0], widths, entry[1]))
+        if isinstance(entry, str):
+            lines.append(entry)
+        else:
+            cells, check, markers = entry
+            lines.append(_format_row(cells, widths, markers, check if checked else "", check_width))
     return "\n".join(lines) + "\n"
 
 
@@ -127,6 +137,12 @@ def _markers(backend: Mapping[str, Any]) -> str:
     return " ".join(markers)
 
 
+def _last_check(backend: Mapping[str, Any]) -> str:
+    health = backend.get("health")
+    last = health.get("last_check") if health else None
+    return str(last["detail"]) if last else "-"
+
+
 def _service_line(service: Mapping[str, Any]) -> str:
     line = f"{str(service['protocol']).upper()}  {service['listen']} {service['scheduler']}"
     timeout = float(service["affinity_timeout"])
@@ -136,10 +152,15 @@ def _service_line(service: Mapping[str, Any]) -> str:
     return line
 
 
-def _format_row(cells: Sequence[str], widths: Sequence[int], markers: str) -> str:
+def _format_row(
+    cells: Sequence[str], widths: Sequence[int], markers: str, check: str = "", check_width: int = 0
+) -> str:
     first = cells[0].ljust(widths[0])
     rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
-    return " ".join([first, *rest, markers]).rstrip()
+    parts = [first, *rest]
+    if check_width:
+        parts.append(check.ljust(check_width))
+    return " ".join([*parts, markers]).rstrip()
 
 
 def main(admin: str, *, as_json: bool = False) -> int:

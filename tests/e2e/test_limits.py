@@ -51,10 +51,12 @@ def test_a_client_never_hangs_beyond_the_connect_timeout(l4lb):
     socks, hole = _blackhole()
     try:
         lb = l4lb(lb_config([hole], service={"connect_timeout": 0.3}))
-        with connect(lb.service_address("web"), timeout=10) as s:
-            with pytest.raises(ConnectionResetError):
-                while s.recv(100):
-                    pass
+        with (
+            connect(lb.service_address("web"), timeout=10) as s,
+            pytest.raises(ConnectionResetError),
+        ):
+            while s.recv(100):
+                pass
         assert lb.service("web")["failed"] == 1
     finally:
         for s in socks:

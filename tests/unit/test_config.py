@@ -22,6 +22,7 @@ from l4lb.config import (
     Config,
     ConfigError,
     DataplaneConfig,
+    HealthConfig,
     ServiceConfig,
     load_config,
     parse_config,
@@ -155,6 +156,95 @@ def test_defaults(tmp_path: Path) -> None:
     assert (svc.connect_timeout, svc.idle_timeout) == (3.0, 900.0)
     assert (svc.drain_timeout, svc.retries, svc.backends) == (None, None, ())
     assert not (svc.expire_quiescent or svc.sh_fallback or svc.sh_port)
+
+
+HEALTH_FULL = """
+[[services]]
+name = "web"
+listen = "127.0.0.1:8080"
+[services.health]
+kind = "http"
+interval = 5
+timeout = 0.5
+rise = 1
+fall = 4
+port = 8081
+jitter = 0.25
+initial = "down"
+http_path = "/healthz?full=1"
+http_host = "web.example"
+http_method = "HEAD"
+expect_status = [200, 204]
+passive = false
+slowstart = 30
+on_down = "reset"
+all_down = "all"
+"""
+
+
+def test_health_table_sets_every_field(tmp_path: Path) -> None:
+    health = load_config(write(tmp_path, HEALTH_FULL)).service("web").health
+    assert health == HealthConfig(
+        kind="http",
+        interval=5.0,
+        timeout=0.5,
+        rise=1,
+        fall=4,
+        port=8081,
+        jitter=0.25,
+        initial="down",
+        http_path="/healthz?full=1",
+        http_host="web.example",
+        http_method="HEAD",
+        expect_status=(200, 204),
+        expect_body=None,
+        passive=False,
+        slowstart=30.0,
+        on_down="reset",
+        all_down="all",
+    )
+
+
+def test_health_defaults(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, MINIMAL_SERVICE + "[services.health]\n"))
+    health = cfg.service("web").health
+    assert health == HealthConfig()
+    assert (health.kind, health.interval, health.timeout, health.rise, health.fall) == (
+        "tcp",
+        2.0,
+        1.0,
+        2,
+        3,
+    )
+    assert (health.port, health.jitter, health.initial, health.passive) == (None, 0.1, "up", True)
+    assert (health.http_path, health.http_host, health.http_method) == ("/", None, "GET")
+    assert (health.expect_status, health.expect_body, health.slowstart) == ((200, 399), None, 0.0)
+    assert (health.on_down, health.all_down) == ("keep", "reject")
+
+
+def test_no_health_table_means_no_checking(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, MINIMAL_SERVICE)).service("web").health is None
+
+
+def test_unset_health_timeout_follows_a_short_interval(tmp_path: Path) -> None:
+    text = MINIMAL_SERVICE + "[services.health]\ninterval = 0.2\n"
+    health = load_config(write(tmp_path, text)).service("web").health
+    assert health is not None and (health.interval, health.timeout) == (0.2, 0.2)
+
+
+def test_health_expect_status_single_code_and_body(tmp_path: Path) -> None:
+    text = MINIMAL_SERVICE + (
+        '[services.health]\nkind = "http"\nexpect_status = 204\nexpect_body = "ready"\n'
+    )
+    health = load_config(write(tmp_path, text)).service("web").health
+    assert health is not None
+    assert (health.expect_status, health.expect_body) == ((204, 204), "ready")
+
+
+def test_health_as_inline_table() -> None:
+    svc = {"name": "a", "listen": "127.0.0.1:1", "health": {"kind": "tcp", "fall": 1}}
+    health = parse_config({"services": [svc]}, source="t").service("a").health
+    assert health == HealthConfig(fall=1)
 
 
 def test_empty_file_is_a_valid_config(tmp_path: Path) -> None:
@@ -633,6 +723,185 @@ MISTAKES: list[tuple[str, str, str]] = [
         "services[0].sh_port: only meaningful with scheduler = 'sh' (scheduler is 'wrr')",
     ),
     (
+        "health-not-a-table",
+        SVC + 'health = "tcp"\n',
+        "services[0].health: must be a table, got string 'tcp'",
+    ),
+    (
+        "health-unknown-key",
+        SVC + "[services.health]\nintervall = 2\n",
+        "services[0].health.intervall: unknown key (did you mean 'interval'?)",
+    ),
+    (
+        "health-unknown-kind",
+        SVC + '[services.health]\nkind = "icmp"\n',
+        "services[0].health.kind: must be 'tcp' or 'http', got 'icmp'",
+    ),
+    (
+        "health-misspelt-kind",
+        SVC + '[services.health]\nkind = "htp"\n',
+        "services[0].health.kind: must be 'tcp' or 'http', got 'htp' (did you mean 'http'?)",
+    ),
+    (
+        "health-negative-interval",
+        SVC + "[services.health]\ninterval = -1\n",
+        (
+            "services[0].health.interval: must be a number of seconds greater than 0 and at "
+            "most 3600, got -1"
+        ),
+    ),
+    (
+        "health-zero-interval",
+        SVC + "[services.health]\ninterval = 0\n",
+        (
+            "services[0].health.interval: must be a number of seconds greater than 0 and at "
+            "most 3600, got 0"
+        ),
+    ),
+    (
+        "health-timeout-over-interval",
+        SVC + "[services.health]\ninterval = 1\ntimeout = 1.5\n",
+        "services[0].health.timeout: must not exceed interval (1 s), got 1.5",
+    ),
+    (
+        "health-explicit-timeout-over-short-interval",
+        SVC + "[services.health]\ninterval = 0.5\ntimeout = 1\n",
+        "services[0].health.timeout: must not exceed interval (0.5 s), got 1",
+    ),
+    (
+        "health-rise-zero",
+        SVC + "[services.health]\nrise = 0\n",
+        "services[0].health.rise: must be an integer from 1 to 100, got 0",
+    ),
+    (
+        "health-fall-zero",
+        SVC + "[services.health]\nfall = 0\n",
+        "services[0].health.fall: must be an integer from 1 to 100, got 0",
+    ),
+    (
+        "health-fall-float",
+        SVC + "[services.health]\nfall = 2.5\n",
+        "services[0].health.fall: must be an integer from 1 to 100, got float 2.5",
+    ),
+    (
+        "health-port-out-of-range",
+        SVC + "[services.health]\nport = 65536\n",
+        "services[0].health.port: must be an integer from 1 to 65535, got 65536",
+    ),
+    (
+        "health-port-zero",
+        SVC + "[services.health]\nport = 0\n",
+        "services[0].health.port: must be an integer from 1 to 65535, got 0",
+    ),
+    (
+        "health-jitter-too-large",
+        SVC + "[services.health]\njitter = 0.6\n",
+        "services[0].health.jitter: must be a number from 0 to 0.5, got 0.6",
+    ),
+    (
+        "health-jitter-negative",
+        SVC + "[services.health]\njitter = -0.1\n",
+        "services[0].health.jitter: must be a number from 0 to 0.5, got -0.1",
+    ),
+    (
+        "health-initial",
+        SVC + '[services.health]\ninitial = "unknown"\n',
+        "services[0].health.initial: must be 'up' or 'down', got 'unknown'",
+    ),
+    (
+        "health-http-key-with-tcp",
+        SVC + '[services.health]\nhttp_path = "/health"\n',
+        "services[0].health.http_path: only meaningful with kind = 'http' (kind is 'tcp')",
+    ),
+    (
+        "health-expect-status-with-tcp",
+        SVC + '[services.health]\nkind = "tcp"\nexpect_status = [200, 299]\n',
+        "services[0].health.expect_status: only meaningful with kind = 'http' (kind is 'tcp')",
+    ),
+    (
+        "health-http-method",
+        SVC + '[services.health]\nkind = "http"\nhttp_method = "POST"\n',
+        "services[0].health.http_method: must be 'GET' or 'HEAD', got 'POST'",
+    ),
+    (
+        "health-http-path-relative",
+        SVC + '[services.health]\nkind = "http"\nhttp_path = "health"\n',
+        (
+            "services[0].health.http_path: must start with '/' and contain only visible ASCII "
+            "characters (no spaces), got 'health'"
+        ),
+    ),
+    (
+        "health-http-path-injection",
+        SVC + '[services.health]\nkind = "http"\nhttp_path = "/ HTTP/1.1\\r\\nX: y"\n',
+        (
+            "services[0].health.http_path: must start with '/' and contain only visible ASCII "
+            "characters (no spaces), got '/ HTTP/1.1\\r\\nX: y'"
+        ),
+    ),
+    (
+        "health-http-host-space",
+        SVC + '[services.health]\nkind = "http"\nhttp_host = "a b"\n',
+        (
+            "services[0].health.http_host: must be 1 to 255 visible ASCII characters "
+            "(no spaces), got 'a b'"
+        ),
+    ),
+    (
+        "health-expect-status-reversed",
+        SVC + '[services.health]\nkind = "http"\nexpect_status = [399, 200]\n',
+        "services[0].health.expect_status: low must not exceed high, got [399, 200]",
+    ),
+    (
+        "health-expect-status-out-of-range",
+        SVC + '[services.health]\nkind = "http"\nexpect_status = [200, 600]\n',
+        (
+            "services[0].health.expect_status[1]: must be [low, high] with HTTP status codes "
+            "from 100 to 599, or one such code, got 600"
+        ),
+    ),
+    (
+        "health-expect-status-three",
+        SVC + '[services.health]\nkind = "http"\nexpect_status = [200, 300, 400]\n',
+        (
+            "services[0].health.expect_status: must be [low, high] with HTTP status codes "
+            "from 100 to 599, or one such code, got an array of 3"
+        ),
+    ),
+    (
+        "health-expect-body-with-head",
+        SVC + '[services.health]\nkind = "http"\nhttp_method = "HEAD"\nexpect_body = "ok"\n',
+        "services[0].health.expect_body: a HEAD response has no body: use http_method = 'GET'",
+    ),
+    (
+        "health-expect-body-empty",
+        SVC + '[services.health]\nkind = "http"\nexpect_body = ""\n',
+        (
+            "services[0].health.expect_body: must be a non-empty string without NUL "
+            "characters, got ''"
+        ),
+    ),
+    (
+        "health-passive-not-bool",
+        SVC + "[services.health]\npassive = 1\n",
+        "services[0].health.passive: must be true or false, got integer 1",
+    ),
+    (
+        "health-slowstart-negative",
+        SVC + "[services.health]\nslowstart = -5\n",
+        "services[0].health.slowstart: must be a number of seconds from 0 to 3600, got -5",
+    ),
+    (
+        "health-on-down",
+        SVC + '[services.health]\non_down = "rst"\n',
+        "services[0].health.on_down: must be 'keep' or 'reset', got 'rst' (did you mean 'reset'?)",
+    ),
+    (
+        "health-all-down",
+        SVC + '[services.health]\nall_down = "fail"\n',
+        "services[0].health.all_down: must be 'reject' or 'all', got 'fail'",
+    ),
+    (
         "workers-out-of-range",
         "[dataplane]\nworkers = 257\n",
         "dataplane.workers: must be an integer from 0 to 256, got 257",
@@ -783,6 +1052,23 @@ _SERVICE_KEYS = [
     "retries",
     "backends",
 ]
+_HEALTH_KEYS = [
+    "kind",
+    "interval",
+    "timeout",
+    "rise",
+    "fall",
+    "port",
+    "jitter",
+    "initial",
+    "http_path",
+    "expect_status",
+    "expect_body",
+    "passive",
+    "slowstart",
+    "on_down",
+    "all_down",
+]
 _DATAPLANE_KEYS = [
     "workers",
     "pipe_size",
@@ -795,7 +1081,7 @@ _DATAPLANE_KEYS = [
 _BACKEND_KEYS = ["address", "weight", "upper_threshold", "lower_threshold"]
 _KNOWN_KEYS = sorted(
     {"admin", "dataplane", "services", "listen", "token_file"}
-    | set(_SERVICE_KEYS + _DATAPLANE_KEYS + _BACKEND_KEYS)
+    | set(_SERVICE_KEYS + _DATAPLANE_KEYS + _BACKEND_KEYS + _HEALTH_KEYS)
 )
 _PLAUSIBLE_STRINGS = [
     "127.0.0.1:80",
@@ -849,6 +1135,8 @@ def _plausible_configs(draw: st.DrawFn) -> dict[str, Any]:
         s["name"] = draw(st.sampled_from(["a", "b", "c"]))
         s["listen"] = draw(st.sampled_from(["127.0.0.1:1", "127.0.0.1:0", "[::1]:1"]))
         s["backends"] = [backend() for _ in range(draw(st.integers(0, 3)))]
+        if draw(st.booleans()):
+            s["health"] = section(_HEALTH_KEYS)
         return s
 
     cfg: dict[str, Any] = {
@@ -893,6 +1181,10 @@ def test_fuzz_plausible_configs(data: dict[str, Any]) -> None:
         for b in svc.backends:
             assert 0 <= b.weight <= 65535
             assert not b.upper_threshold or b.lower_threshold <= b.upper_threshold
+        if svc.health is not None:
+            assert 0 < svc.health.timeout <= svc.health.interval
+            assert svc.health.rise >= 1 and svc.health.fall >= 1
+            assert svc.health.expect_status[0] <= svc.health.expect_status[1]
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,18 @@ SNAPSHOT: dict[str, Any] = {
                     "bytes_in": 200,
                     "bytes_out": 900,
                     "connect_errors": 7,
+                    "health": {
+                        "state": "down",
+                        "reason": "connect refused (3/3)",
+                        "since": 1700000000.0,
+                        "last_check": {
+                            "ok": False,
+                            "detail": "connect refused",
+                            "duration": 0.25,
+                            "at": 1700000000.0,
+                        },
+                        "transitions": 3,
+                    },
                 },
                 {
                     "address": "127.0.0.1:9001",
@@ -63,6 +75,13 @@ SNAPSHOT: dict[str, Any] = {
                     "bytes_in": 800,
                     "bytes_out": 4100,
                     "connect_errors": 0,
+                    "health": {
+                        "state": "up",
+                        "reason": "initial state up",
+                        "since": 1700000000.0,
+                        "last_check": None,
+                        "transitions": 0,
+                    },
                 },
             ],
         },
@@ -127,6 +146,8 @@ ALL_NAMES = {
     *SERVICE_METRICS,
     *GLOBAL_METRICS,
     "l4lb_backend_up",
+    "l4lb_backend_health_transitions_total",
+    "l4lb_backend_health_check_duration_seconds",
     "l4lb_build_info",
 }
 
@@ -177,6 +198,34 @@ def test_backend_up() -> None:
         (("backend", "127.0.0.1:9001"), ("service", "web")): 1.0,
         (("backend", "127.0.0.2:53"), ("service", 'odd "name"\\')): 1.0,
     }
+
+
+def test_health_transitions_only_for_checked_backends() -> None:
+    samples, types = parse(SNAPSHOT)
+    assert types["l4lb_backend_health_transitions_total"] == "counter"
+    # The third backend has no health checking: no sample rather than a made-up 0.
+    assert by_labels(samples["l4lb_backend_health_transitions_total"]) == {
+        (("backend", "[::1]:9002"), ("service", "web")): 3.0,
+        (("backend", "127.0.0.1:9001"), ("service", "web")): 0.0,
+    }
+
+
+def test_health_check_duration_only_after_a_check() -> None:
+    samples, types = parse(SNAPSHOT)
+    assert types["l4lb_backend_health_check_duration_seconds"] == "gauge"
+    assert by_labels(samples["l4lb_backend_health_check_duration_seconds"]) == {
+        (("backend", "[::1]:9002"), ("service", "web")): 0.25,
+    }
+
+
+def test_snapshot_without_health_keys_renders() -> None:
+    snapshot = copy.deepcopy(SNAPSHOT)
+    for service in snapshot["services"]:
+        for backend in service["backends"]:
+            backend.pop("health", None)
+    samples, _ = parse(snapshot)
+    assert "l4lb_backend_health_transitions_total" not in samples
+    assert len(samples["l4lb_backend_up"]) == 3
 
 
 @pytest.mark.parametrize("name", sorted(SERVICE_METRICS))

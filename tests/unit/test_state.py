@@ -17,11 +17,13 @@ from l4lb.state import (
     FLAG_SH_PORT,
     DestOp,
     DestSpec,
+    Health,
     Override,
     ServicePlan,
     ServiceSpec,
     desired_state,
     plan,
+    ramped_weight,
 )
 
 
@@ -165,6 +167,136 @@ def test_override_key_uses_bracketed_ipv6() -> None:
     svc = {"name": "v6", "listen": "[::1]:80", "backends": [{"address": "[::1]:81"}]}
     specs = state(svc, overrides={("v6", "[::1]:81"): Override(weight=3)})
     assert specs["v6"].dests[0].weight == 3
+
+
+# ----------------------------------------------------------------------------- health
+
+
+def checked(*ports: int, weights: Sequence[int] = (), **health: Any) -> dict[str, Any]:
+    """A service "web" on ``ports`` with a [services.health] table."""
+    svc = service("web", *ports, health=health)
+    for b, w in zip(svc["backends"], weights, strict=False):
+        b["weight"] = w
+    return svc
+
+
+def weights(specs: Mapping[str, ServiceSpec], name: str = "web") -> list[int]:
+    return [d.weight for d in specs[name].dests]
+
+
+def key(port: int) -> tuple[str, str]:
+    return ("web", f"127.0.0.1:{port}")
+
+
+def test_down_backend_gets_weight_zero_and_keeps_its_place() -> None:
+    cfg = config(checked(1, 2, 3, weights=[5, 5, 5]))
+    specs = desired_state(cfg, health={key(2): Health(up=False)})
+    assert [d.address.port for d in specs["web"].dests] == [1, 2, 3]
+    assert weights(specs) == [5, 0, 5]
+
+
+def test_missing_health_entry_means_up_at_full_weight() -> None:
+    cfg = config(checked(1, 2, weights=[3, 4]))
+    assert weights(desired_state(cfg, health={})) == [3, 4]
+    assert weights(desired_state(cfg, health={key(1): Health()})) == [3, 4]
+
+
+def test_health_is_ignored_without_a_health_table() -> None:
+    cfg = config(service("web", 1, 2))
+    specs = desired_state(cfg, health={key(1): Health(up=False), key(2): Health(up=False)})
+    assert weights(specs) == [1, 1]
+
+
+def test_health_entries_for_unknown_backends_are_ignored() -> None:
+    cfg = config(checked(1, 2))
+    health = {key(99): Health(up=False), ("other", "127.0.0.1:1"): Health(up=False)}
+    assert weights(desired_state(cfg, health=health)) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    ("weight", "ramp", "expected"),
+    [
+        (100, 0.0, 1),  # never 0 while up
+        (100, 1e-9, 1),
+        (100, 0.25, 25),
+        (100, 0.999, 99),
+        (100, 1.0, 100),
+        (3, 0.5, 1),
+        (3, 0.7, 2),
+        (1, 0.01, 1),
+        (0, 0.5, 0),  # a configured weight of 0 stays 0
+        (65535, 0.5, 32767),
+    ],
+)
+def test_ramped_weight(weight: int, ramp: float, expected: int) -> None:
+    assert ramped_weight(weight, ramp) == expected
+
+
+def test_slow_start_ramp_scales_the_weight() -> None:
+    cfg = config(checked(1, 2, weights=[40, 40], slowstart=10))
+    specs = desired_state(cfg, health={key(1): Health(up=True, ramp=0.1)})
+    assert weights(specs) == [4, 40]
+
+
+def test_slow_start_ramps_an_override_weight() -> None:
+    cfg = config(checked(1, weights=[40], slowstart=10))
+    specs = desired_state(
+        cfg, {key(1): Override(weight=20)}, health={key(1): Health(up=True, ramp=0.5)}
+    )
+    assert weights(specs) == [10]
+
+
+def test_drain_wins_over_health() -> None:
+    cfg = config(checked(1, 2, 3))
+    overrides = {key(1): Override(drain=True), key(2): Override(weight=7)}
+    health = {key(1): Health(up=True), key(2): Health(up=False), key(3): Health(up=True)}
+    assert weights(desired_state(cfg, overrides, health)) == [0, 0, 1]
+
+
+def test_all_down_reject_is_the_default() -> None:
+    cfg = config(checked(1, 2, weights=[2, 3]))
+    health = {key(1): Health(up=False), key(2): Health(up=False)}
+    assert weights(desired_state(cfg, health=health)) == [0, 0]
+
+
+def test_all_down_all_programs_configured_weights() -> None:
+    cfg = config(checked(1, 2, weights=[2, 3], all_down="all"))
+    health = {key(1): Health(up=False), key(2): Health(up=False, ramp=0.1)}
+    assert weights(desired_state(cfg, health=health)) == [2, 3]
+
+
+def test_all_down_all_still_honours_drain_and_overrides() -> None:
+    cfg = config(checked(1, 2, 3, weights=[2, 3, 4], all_down="all"))
+    overrides = {key(1): Override(drain=True), key(2): Override(weight=9)}
+    health = {key(p): Health(up=False) for p in (1, 2, 3)}
+    assert weights(desired_state(cfg, overrides, health)) == [0, 9, 4]
+
+
+def test_all_down_all_does_not_apply_while_one_is_up() -> None:
+    cfg = config(checked(1, 2, 3, weights=[2, 3, 4], all_down="all"))
+    health = {key(1): Health(up=False), key(2): Health(up=False)}  # 3 has no entry: up
+    assert weights(desired_state(cfg, health=health)) == [0, 0, 4]
+    health[key(3)] = Health(up=True, ramp=0.5)
+    assert weights(desired_state(cfg, health=health)) == [0, 0, 2]
+
+
+def test_health_plans_as_edits_only() -> None:
+    cfg = config(checked(1, 2, weights=[5, 5]))
+    old = desired_state(cfg)
+    new = desired_state(cfg, health={key(2): Health(up=False)})
+    [p] = plan(old, new)
+    assert (p.action, p.settings_changed, ops_of(p)) == ("update", False, [("edit", 2, 0)])
+    [back] = plan(new, desired_state(cfg))
+    assert ops_of(back) == [("edit", 2, 5)]
+
+
+def test_desired_state_with_health_does_not_mutate_inputs() -> None:
+    cfg = config(checked(1, 2))
+    overrides = {key(1): Override(weight=3)}
+    health = {key(2): Health(up=False)}
+    before = (dict(overrides), dict(health))
+    desired_state(cfg, overrides, health)
+    assert (overrides, health) == before
 
 
 # ----------------------------------------------------------------------------- plan

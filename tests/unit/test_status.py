@@ -160,6 +160,37 @@ def test_render_table_is_deterministic_and_keeps_backend_order() -> None:
     assert render_table(DOC) == render_table(copy.deepcopy(DOC))
 
 
+def _health(state: str, detail: str | None) -> dict[str, Any]:
+    last = None if detail is None else {"ok": state == "up", "detail": detail, "duration": 0.001}
+    return {"state": state, "reason": "x", "since": 0.0, "last_check": last, "transitions": 1}
+
+
+def test_render_table_shows_the_last_check_of_checked_backends() -> None:
+    checked = backend("127.0.0.1:9001", (1, 0, 0, 5, 0, 0), up=False)
+    checked["health"] = _health("down", "connect refused")
+    fresh = backend("127.0.0.1:9002", (1, 0, 0, 5, 0, 0))
+    fresh["health"] = _health("up", None)
+    unchecked = backend("127.0.0.1:9003", (1, 0, 0, 5, 0, 0), drain=True)
+    doc = {"services": [service("web", "127.0.0.1:80", "tcp", "rr", 0.0, [checked, fresh])]}
+    doc["services"][0]["backends"].append(unchecked)
+    assert render_table(doc, stats=False) == (
+        "Prot LocalAddress:Port Scheduler Flags\n"
+        "  -> RemoteAddress:Port Weight ActiveConn InActConn LastCheck\n"
+        "TCP  127.0.0.1:80 rr\n"
+        "  -> 127.0.0.1:9001          1          0         0 connect refused DOWN\n"
+        "  -> 127.0.0.1:9002          1          0         0 -\n"
+        "  -> 127.0.0.1:9003          1          0         0 -               DRAIN\n"
+    )
+
+
+def test_render_table_without_health_has_no_check_column() -> None:
+    doc = copy.deepcopy(DOC)
+    for svc in doc["services"]:
+        for b in svc["backends"]:
+            b["health"] = None
+    assert render_table(doc) == TABLE_STATS
+
+
 # --- against a real admin API -----------------------------------------------------------
 
 
