@@ -193,20 +193,6 @@ def _asyncio(backend: str, workdir: Path, max_conns: int) -> Front:
     )
 
 
-def _iptables_dnat(backend: str, workdir: Path, max_conns: int) -> Front:
-    raise PeerUnavailable(
-        "iptables DNAT peer not implemented yet: needs a network-namespace topology "
-        "so that NAT applies to traffic that is not local to the client"
-    )
-
-
-def _ipvs(backend: str, workdir: Path, max_conns: int) -> Front:
-    raise PeerUnavailable(
-        "IPVS peer not implemented yet: needs a VM (IPVS does not balance traffic that "
-        "originates on the director itself)"
-    )
-
-
 #: Measurement order within each round: the references first, then l4lb, then the others.
 PEERS: dict[str, Callable[[str, Path, int], Front]] = {
     "direct": _direct,
@@ -215,8 +201,6 @@ PEERS: dict[str, Callable[[str, Path, int], Front]] = {
     "haproxy": _haproxy,
     "nginx": _nginx,
     "asyncio": _asyncio,
-    "iptables-dnat": _iptables_dnat,
-    "ipvs": _ipvs,
 }
 
 

@@ -56,11 +56,13 @@ def _idle(front: Front, settings: Settings) -> Measurement:
     )
 
 
+#: A direct connection has no proxy process whose memory could be measured.
+EXCLUDE_PEERS = ("direct",)
+
+
 def test_idle_connection_memory(
     peer_name: str, settings: Settings, bench_dir: Path, measure: Measure
 ) -> None:
-    if peer_name == "direct":
-        pytest.skip("direct: no proxy process whose memory could be measured")
     workdir = bench_dir / f"idle-{peer_name}"
     with hold_backend(workdir) as backend:
         try:

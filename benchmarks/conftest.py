@@ -110,7 +110,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     settings = _get_settings()
     rounds = getattr(metafunc.module, "BENCH_ROUNDS", None) or settings.rounds
     metafunc.parametrize("bench_round", range(rounds), ids=[f"r{i}" for i in range(rounds)])
-    metafunc.parametrize("peer_name", settings.peers)
+    excluded = getattr(metafunc.module, "EXCLUDE_PEERS", ())
+    metafunc.parametrize("peer_name", [p for p in settings.peers if p not in excluded])
 
 
 def pytest_benchmark_update_machine_info(
