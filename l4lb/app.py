@@ -315,7 +315,8 @@ class App:
             drain=old.drain if drain is None else drain,
         )
         self._program_now()
-        for b in self._service_doc(service)["backends"]:
+        backends: list[dict[str, Any]] = self._service_doc(service)["backends"]
+        for b in backends:
             if b["address"] == address:
                 return b
         raise LookupError(f"service {service!r} has no backend {spelled}")

@@ -12,6 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
@@ -33,3 +39,9 @@ def test_c_sources_compile_without_warnings(tmp_path: Path):
     for src in sources:
         r = _run("gcc", *flags, "-Isrc", "-c", src, "-o", str(tmp_path / "x.o"))
         assert r.returncode == 0, f"{src}:\n{r.stderr}"
+
+
+@pytest.mark.skipif(not _has_module("mypy"), reason="mypy is not installed")
+def test_mypy_strict():
+    r = _run(sys.executable, "-m", "mypy", "--strict", "l4lb")
+    assert r.returncode == 0, r.stdout + r.stderr
