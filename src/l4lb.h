@@ -74,7 +74,7 @@ void l4_persist_expire(struct l4_service *svc, uint64_t now_ms);
 uint32_t l4_persist_count(const struct l4_persist *p);
 
 /* ---- pipe pool (pipe_pool.c) ---- */
-struct l4_pipe *l4_pipe_get(struct l4_worker *w);
+struct l4_pipe *l4_pipe_get(struct l4_worker *w, int splice);
 void l4_pipe_put(struct l4_worker *w, struct l4_pipe *p);
 void l4_pipe_kill(struct l4_worker *w, struct l4_pipe *p);
 void l4_pipe_pool_flush(struct l4_worker *w);

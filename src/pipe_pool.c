@@ -1,5 +1,8 @@
-/* Per-worker pool of splice pipes (HAProxy's pipe pool): a connection holds
- * a pipe only while data is in flight, so idle connections cost no pipes. */
+/* Per-worker pools of splice pipes and copy buffers (HAProxy's pipe pool and
+ * its splice-auto): a connection holds one only while data is in flight, so
+ * idle connections cost neither.  A direction starts with a copy buffer,
+ * which is cheaper than a pipe for small messages, and moves to a splice
+ * pipe once a read fills a whole buffer (see worker.c). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -8,40 +11,53 @@
 
 #include "l4lb.h"
 
-/* A pipe from the pool or a new one; NULL with errno set when none can be
- * had (fd or memory exhaustion). */
-struct l4_pipe *l4_pipe_get(struct l4_worker *w)
+static struct l4_pipe *pool_pop(struct l4_pipe **head, uint32_t *n)
 {
-	struct l4_pipe *p = w->free_pipes;
+	struct l4_pipe *p = *head;
+	if (p != NULL) {
+		*head = p->next;
+		(*n)--;
+	}
+	return p;
+}
+
+static struct l4_pipe *new_buffer(struct l4_worker *w, struct l4_pipe *p)
+{
+	p->rfd = p->wfd = -1;
+	p->buf = malloc(w->dp->pipe_size);
+	if (p->buf == NULL) {
+		free(p);
+		return NULL;
+	}
+	return p;
+}
+
+/* A kernel pipe when `splice` (and the data plane splices), else a copy
+ * buffer; from the pool or new.  NULL with errno set when none can be had. */
+struct l4_pipe *l4_pipe_get(struct l4_worker *w, int splice)
+{
+	struct l4_pipe *p;
 	int fds[2];
 
+	splice = splice && w->dp->use_splice;
+	p = splice ? pool_pop(&w->free_pipes, &w->nfree_pipes)
+		   : pool_pop(&w->free_bufs, &w->nfree_bufs);
 	if (p != NULL) {
-		w->free_pipes = p->next;
-		w->nfree_pipes--;
 		atomic_fetch_sub_explicit(&w->pipes_free, 1, memory_order_relaxed);
 		goto out;
 	}
 	p = calloc(1, sizeof(*p));
 	if (p == NULL)
 		return NULL;
-	if (!w->dp->use_splice) {
-		p->rfd = p->wfd = -1;
-		p->buf = malloc(w->dp->pipe_size);
-		if (p->buf == NULL) {
-			free(p);
+	if (!splice) {
+		if (new_buffer(w, p) == NULL)
 			return NULL;
-		}
 		goto out;
 	}
 	if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0) {
-		/* Out of fds: copy through a buffer rather than stall the
-		 * connection (HAProxy falls back the same way). */
-		p->rfd = p->wfd = -1;
-		p->buf = malloc(w->dp->pipe_size);
-		if (p->buf == NULL) {
-			free(p);
+		/* Out of fds: copy rather than stall the connection. */
+		if (new_buffer(w, p) == NULL)
 			return NULL;
-		}
 		atomic_fetch_add_explicit(&w->splice_fallbacks, 1, memory_order_relaxed);
 		goto out;
 	}
@@ -58,7 +74,7 @@ out:
 	return p;
 }
 
-/* Close a pipe for good (it may still hold data). */
+/* Close a pipe or free a buffer for good (it may still hold data). */
 void l4_pipe_kill(struct l4_worker *w, struct l4_pipe *p)
 {
 	if (p->rfd >= 0) {
@@ -70,17 +86,19 @@ void l4_pipe_kill(struct l4_worker *w, struct l4_pipe *p)
 	atomic_fetch_sub_explicit(&w->pipes_used, 1, memory_order_relaxed);
 }
 
-/* Return a pipe: recycled only when empty and the pool has room. */
+/* Return a pipe or buffer: recycled only when empty and its pool has room. */
 void l4_pipe_put(struct l4_worker *w, struct l4_pipe *p)
 {
-	/* A fallback buffer in splice mode is not worth keeping. */
-	if (p->data != 0 || w->nfree_pipes >= w->dp->max_pipes || (p->buf && w->dp->use_splice)) {
+	struct l4_pipe **head = p->buf ? &w->free_bufs : &w->free_pipes;
+	uint32_t *n = p->buf ? &w->nfree_bufs : &w->nfree_pipes;
+
+	if (p->data != 0 || *n >= w->dp->max_pipes) {
 		l4_pipe_kill(w, p);
 		return;
 	}
-	p->next = w->free_pipes;
-	w->free_pipes = p;
-	w->nfree_pipes++;
+	p->next = *head;
+	*head = p;
+	(*n)++;
 	atomic_fetch_sub_explicit(&w->pipes_used, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&w->pipes_free, 1, memory_order_relaxed);
 }
@@ -88,9 +106,8 @@ void l4_pipe_put(struct l4_worker *w, struct l4_pipe *p)
 void l4_pipe_pool_flush(struct l4_worker *w)
 {
 	struct l4_pipe *p;
-	while ((p = w->free_pipes) != NULL) {
-		w->free_pipes = p->next;
-		w->nfree_pipes--;
+	while ((p = pool_pop(&w->free_pipes, &w->nfree_pipes)) != NULL ||
+	       (p = pool_pop(&w->free_bufs, &w->nfree_bufs)) != NULL) {
 		atomic_fetch_sub_explicit(&w->pipes_free, 1, memory_order_relaxed);
 		atomic_fetch_add_explicit(&w->pipes_used, 1, memory_order_relaxed);
 		l4_pipe_kill(w, p);

@@ -29,6 +29,8 @@ struct l4_pipe {
 #define L4_INACTIVE (1u << 8)   /* left the IPVS active states (A decremented) */
 #define L4_QUEUED (1u << 9)     /* on the worker's run-again list */
 #define L4_UDP (1u << 10)       /* a UDP flow: cfd is the (shared) listener, not ours */
+#define L4_C2B_SPLICE (1u << 11) /* client->backend moved enough to splice */
+#define L4_B2C_SPLICE (1u << 12)
 
 enum { L4_ST_CONNECTING = 1, L4_ST_ESTABLISHED = 2 };
 
@@ -123,6 +125,8 @@ struct l4_worker {
 	uint32_t ntimers;
 	struct l4_pipe *free_pipes;
 	uint32_t nfree_pipes;
+	struct l4_pipe *free_bufs;      /* copy buffers, pooled like pipes */
+	uint32_t nfree_bufs;
 	uint64_t now_ms;
 	uint64_t next_sweep_ms;
 	struct l4_ghost_ring ghosts_fin, ghosts_rst;

@@ -359,7 +359,7 @@ static void connect_done(struct l4_worker *w, struct l4_conn *c, int err)
  * Returns 1 on progress, 0 on none, -errno on a fatal socket error. */
 static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 		    struct l4_pipe **pp, uint32_t rd, uint32_t wr, uint32_t eof, uint32_t shut,
-		    _Atomic uint64_t *bytes)
+		    uint32_t spliced, _Atomic uint64_t *bytes)
 {
 	struct l4_pipe *p = *pp;
 	uint32_t size = w->dp->pipe_size;
@@ -390,21 +390,24 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 	}
 	if (!(c->flags & eof) && (c->flags & rd) && (!p || p->data < size)) {
 		if (p == NULL) {
-			p = *pp = l4_pipe_get(w);
+			p = *pp = l4_pipe_get(w, (c->flags & spliced) != 0);
 			if (p == NULL)
 				return -ENOMEM;
 		}
+		/* A buffer fills up to its end; what was written out is reused
+		 * once it is empty. */
 		uint32_t want = p->buf ? size - p->off - p->data : size - p->data;
+		if (want == 0)
+			goto shut;
 		if (p->buf)
 			n = read(src, p->buf + p->off + p->data, want);
 		else
 			n = splice(src, NULL, p->wfd, NULL, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
 		if (n > 0) {
-			/* A short read() means the socket is drained, and new data
-			 * raises a new edge.  Not so for splice, which also stops
-			 * short when the pipe runs out of buffer slots. */
-			if ((uint32_t)n < want && p->buf)
-				c->flags &= ~rd;
+			/* A read that fills a whole buffer means a bulk transfer:
+			 * from the next pipe on, this direction splices. */
+			if (p->buf && (uint32_t)n == size)
+				c->flags |= spliced;
 			p->data += (uint32_t)n;
 			progress = 1;
 		} else if (n == 0) {
@@ -420,6 +423,7 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 			return -errno;
 		}
 	}
+shut:
 	if ((c->flags & eof) && (!p || p->data == 0) && !(c->flags & shut)) {
 		/* When the other way is already shut, the connection closes
 		 * right after this and close() sends the FIN by itself. */
@@ -439,11 +443,11 @@ static void conn_pump(struct l4_worker *w, struct l4_conn *c)
 
 	for (round = 0; round < PUMP_ROUNDS; round++) {
 		a = pump_dir(w, c, c->cfd, c->bfd, &c->c2b, L4_C_RD, L4_B_WR, L4_C_EOF, L4_B_SHUT,
-			     &c->slot->bytes_in);
+			     L4_C2B_SPLICE, &c->slot->bytes_in);
 		if (a < 0)
 			goto reset;
 		b = pump_dir(w, c, c->bfd, c->cfd, &c->b2c, L4_B_RD, L4_C_WR, L4_B_EOF, L4_C_SHUT,
-			     &c->slot->bytes_out);
+			     L4_B2C_SPLICE, &c->slot->bytes_out);
 		if (b < 0)
 			goto reset;
 		if (a || b)
