@@ -38,36 +38,15 @@ class CountingKernel(ipvs._NetlinkKernel):
 
 
 def make_spec(lab: netlab.Lab, sched: str, weights: dict[str, int], **kw: Any) -> ServiceSpec:
-    fields: dict[str, Any] = {
-        "name": "web",
-        "listen": Address.parse(f"{VIP}:{PORT}"),
-        "protocol": "tcp",
-        "scheduler": sched,
-        "flags": 0,
-        "persist_timeout": 0.0,
-        "persist_netmask": 32,
-        "persist_netmask6": 128,
-        "expire_quiescent": False,
-        "connect_timeout": 5.0,
-        "idle_timeout": 300.0,
-        "drain_timeout": 60.0,
-        "retries": -1,
-        "dests": tuple(
-            DestSpec(Address.parse(f"{lab.backends[n]}:{BPORT}"), w, 0, 0)
-            for n, w in weights.items()
-        ),
-    }
-    fields.update(kw)
-    return ServiceSpec(**fields)
+    dests = (
+        DestSpec(Address.parse(f"{lab.backends[n]}:{BPORT}"), w, 0, 0) for n, w in weights.items()
+    )
+    spec: ServiceSpec = netlab.service_spec("web", f"{VIP}:{PORT}", dests, scheduler=sched, **kw)
+    return spec
 
 
 def main(out: str) -> None:
-    obs: dict[str, Any] = {"steps": []}
-
-    def note(key: str, value: Any) -> None:
-        obs[key] = value
-        obs["steps"].append(key)
-        netlab.write(out, obs)
+    note = netlab.Observations(out)
 
     netlab.sh("modprobe", "-a", "ip_vs", "ip_vs_rr", "ip_vs_wrr", "ip_vs_sh", "ip_vs_mh")
     lab = netlab.Lab(3)

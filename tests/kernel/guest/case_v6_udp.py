@@ -22,33 +22,13 @@ from l4lb.state import FLAG_PERSISTENT, FLAG_SH_FALLBACK, FLAG_SH_PORT, DestSpec
 
 
 def make_spec(name: str, listen: str, backends: list[str], **kw: Any) -> ServiceSpec:
-    fields: dict[str, Any] = {
-        "name": name,
-        "listen": Address.parse(listen),
-        "protocol": "tcp",
-        "scheduler": "rr",
-        "flags": 0,
-        "persist_timeout": 0.0,
-        "persist_netmask": 32,
-        "persist_netmask6": 128,
-        "expire_quiescent": False,
-        "connect_timeout": 5.0,
-        "idle_timeout": 300.0,
-        "drain_timeout": 60.0,
-        "retries": -1,
-        "dests": tuple(DestSpec(Address.parse(b), 1, 0, 0) for b in backends),
-    }
-    fields.update(kw)
-    return ServiceSpec(**fields)
+    dests = (DestSpec(Address.parse(b), 1, 0, 0) for b in backends)
+    spec: ServiceSpec = netlab.service_spec(name, listen, dests, **kw)
+    return spec
 
 
 def main(out: str) -> None:
-    obs: dict[str, Any] = {"steps": []}
-
-    def note(key: str, value: Any) -> None:
-        obs[key] = value
-        obs["steps"].append(key)
-        netlab.write(out, obs)
+    note = netlab.Observations(out)
 
     netlab.sh("modprobe", "-a", "ip_vs", "ip_vs_rr", "ip_vs_sh", "ip_vs_mh")
     lab = netlab.Lab(2, v6=True)

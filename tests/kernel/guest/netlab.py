@@ -206,3 +206,41 @@ def wait_for(pred: Any, timeout: float = 20.0) -> bool:
 
 def write(path: str, data: dict[str, Any]) -> None:
     Path(path).write_text(json.dumps(data, indent=2, default=str))
+
+
+def service_spec(name: str, listen: str, dests: Any, **kw: Any) -> Any:
+    """A ServiceSpec with the defaults every case uses, ``kw`` overriding any field."""
+    from l4lb.config import Address
+    from l4lb.state import ServiceSpec
+
+    fields: dict[str, Any] = {
+        "name": name,
+        "listen": Address.parse(listen),
+        "protocol": "tcp",
+        "scheduler": "rr",
+        "flags": 0,
+        "persist_timeout": 0.0,
+        "persist_netmask": 32,
+        "persist_netmask6": 128,
+        "expire_quiescent": False,
+        "connect_timeout": 5.0,
+        "idle_timeout": 300.0,
+        "drain_timeout": 60.0,
+        "retries": -1,
+        "dests": tuple(dests),
+    }
+    fields.update(kw)
+    return ServiceSpec(**fields)
+
+
+class Observations:
+    """What a case saw, written to its JSON file after every note (a crash keeps the rest)."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+        self.data: dict[str, Any] = {"steps": []}
+
+    def __call__(self, key: str, value: Any) -> None:
+        self.data[key] = value
+        self.data["steps"].append(key)
+        write(self.out, self.data)
