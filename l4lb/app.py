@@ -27,6 +27,7 @@ import os
 import resource
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -71,9 +72,17 @@ class App:
     """One running ``l4lb run``: implements the admin API's Controller protocol."""
 
     def __init__(
-        self, config_path: str, *, workers: int | None = None, ready_file: str | None = None
+        self,
+        config_path: str,
+        *,
+        workers: int | None = None,
+        ready_file: str | None = None,
+        loader: Callable[[], Config] | None = None,
     ) -> None:
+        """``loader`` replaces reading ``config_path`` (``l4lb kube-proxy`` builds its config
+        from the API server); ``config_path`` then only names the source in messages."""
         self.config_path = config_path
+        self._loader = loader
         self.workers_override = workers
         self.ready_file = ready_file
         self.config: Config | None = None
@@ -98,7 +107,7 @@ class App:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         try:
-            cfg = load_config(self.config_path)
+            cfg = self._load()
         except ConfigError as e:
             log.error("%s", e)
             return 2
@@ -266,13 +275,20 @@ class App:
         except KeyError:
             return None
 
+    def _load(self) -> Config:
+        return self._loader() if self._loader is not None else load_config(self.config_path)
+
     def reload(self) -> None:
-        """SIGHUP: re-read the config file and apply the difference."""
+        """SIGHUP: re-read the config and apply the difference."""
         try:
-            cfg = load_config(self.config_path)
+            cfg = self._load()
         except ConfigError as e:
             log.error("reload rejected, keeping the running config: %s", e)
             return
+        self.apply_config(cfg)
+
+    def apply_config(self, cfg: Config) -> None:
+        """Make ``cfg`` the running config: program only the difference."""
         assert self.config is not None
         if cfg.dataplane != self.config.dataplane:
             log.warning("reload: [dataplane] changes take effect only after a restart")

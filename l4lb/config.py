@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "KERNEL_SCHEDULERS",
     "SCHEDULERS",
     "Address",
     "AdminConfig",
@@ -45,6 +46,12 @@ __all__ = [
 ]
 
 SCHEDULERS: frozenset[str] = frozenset({"rr", "wrr", "lc", "wlc", "sh", "dh", "sed", "nq"})
+#: Further schedulers of the Linux kernel, accepted for ``mode = "offload"`` services only.
+KERNEL_SCHEDULERS: frozenset[str] = SCHEDULERS | frozenset(
+    {"lblc", "lblcr", "fo", "ovf", "mh", "twos"}
+)
+#: Schedulers whose two flags are ``sh_fallback`` and ``sh_port`` (IP_VS_SVC_F_SCHED1/2).
+_FLAGGED_SCHEDULERS = frozenset({"sh", "mh"})
 
 _MAX_PORT = 65535
 _MAX_WEIGHT = 65535
@@ -52,6 +59,9 @@ _MAX_THRESHOLD = 65535
 _DAY = 86400.0
 _HEALTH_INTERVAL = 2.0
 _HEALTH_TIMEOUT = 1.0
+#: Default ``udp_idle_timeout``: conntrack's own (``nf_conntrack_udp_timeout``), long
+#: enough for request/response protocols that pause, short enough to free flows.
+UDP_IDLE_TIMEOUT = 30.0
 
 
 class ConfigError(Exception):
@@ -205,6 +215,7 @@ class HealthConfig:
     expect_status: tuple[int, int] = (200, 399)
     expect_body: str | None = None
     passive: bool = True
+    inhibit_on_failure: bool = True
     slowstart: float = 0.0
     on_down: str = "keep"
     all_down: str = "reject"
@@ -212,11 +223,19 @@ class HealthConfig:
 
 @dataclass(frozen=True, slots=True)
 class ServiceConfig:
-    """One ``[[services]]`` entry (an IPVS virtual service)."""
+    """One ``[[services]]`` entry (an IPVS virtual service).
+
+    ``listen`` is where the splicer accepts; it may be None when ``vips`` is set, since
+    then the traffic arrives through iptables REDIRECT on an automatic wildcard listener.
+    For ``mode = "offload"`` the VIPs (or ``listen`` when there are none) become IPVS
+    virtual services instead.
+    """
 
     name: str
-    listen: Address
+    listen: Address | None = None
+    vips: tuple[Address, ...] = ()
     protocol: str = "tcp"
+    mode: str = "splice"
     scheduler: str = "rr"
     affinity_timeout: float = 0.0
     affinity_netmask: int = 32
@@ -228,6 +247,9 @@ class ServiceConfig:
     idle_timeout: float = 900.0
     drain_timeout: float | None = None
     retries: int | None = None
+    udp_idle_timeout: float = UDP_IDLE_TIMEOUT
+    send_proxy: str | None = None
+    max_connections: int = 0
     backends: tuple[BackendConfig, ...] = ()
     health: HealthConfig | None = None
 
@@ -469,22 +491,35 @@ def _service_name(value: object, path: str) -> str:
     return name
 
 
-def _protocol(value: object, path: str) -> str:
-    proto = _string(value, path)
-    if proto == "udp":
-        raise _Invalid(path, "udp services are not supported yet")
-    if proto != "tcp":
-        raise _Invalid(path, f"must be 'tcp', got {_show(proto)}")
-    return proto
-
-
 def _scheduler(value: object, path: str) -> str:
     name = _string(value, path)
-    if name not in SCHEDULERS:
+    if name not in KERNEL_SCHEDULERS:
         choices = ", ".join(sorted(SCHEDULERS))
-        hint = _did_you_mean(name, SCHEDULERS) or f" (expected one of: {choices})"
+        hint = _did_you_mean(name, KERNEL_SCHEDULERS) or f" (expected one of: {choices})"
         raise _Invalid(path, f"unknown scheduler {_show(name)}{hint}")
     return name
+
+
+def _vips(value: object, path: str) -> tuple[Address, ...]:
+    if not isinstance(value, list | tuple):
+        raise _Invalid(path, f"must be an array of 'IP:PORT' strings, {_got(value)}")
+    vips: list[Address] = []
+    for i, item in enumerate(value):
+        vip = _address(allow_port_zero=False)(item, f"{path}[{i}]")
+        ip = ipaddress.ip_address(vip.host)
+        if ip.is_unspecified or ip.is_multicast or ip.is_loopback:
+            kind = (
+                "unspecified"
+                if ip.is_unspecified
+                else "multicast"
+                if ip.is_multicast
+                else "loopback"
+            )
+            raise _Invalid(f"{path}[{i}]", f"a VIP must be a unicast address, {vip.host} is {kind}")
+        if vip in vips:
+            raise _Invalid(f"{path}[{i}]", f"duplicate VIP {vip} (also {path}[{vips.index(vip)}])")
+        vips.append(vip)
+    return tuple(vips)
 
 
 def _netmask4(value: object, path: str) -> int:
@@ -650,8 +685,10 @@ _BACKEND_FIELDS = (
 
 _SERVICE_FIELDS = (
     _Field("name", _service_name, required=True),
-    _Field("listen", _address(allow_port_zero=True), required=True),
-    _Field("protocol", _protocol),
+    _Field("listen", _address(allow_port_zero=True)),
+    _Field("vips", _vips),
+    _Field("protocol", _choice("tcp", "udp")),
+    _Field("mode", _choice("splice", "offload")),
     _Field("scheduler", _scheduler),
     _Field("affinity_timeout", _seconds(_DAY * 30)),
     _Field("affinity_netmask", _netmask4),
@@ -663,6 +700,9 @@ _SERVICE_FIELDS = (
     _Field("idle_timeout", _seconds(_DAY * 7, positive=True)),
     _Field("drain_timeout", _optional(_seconds(_DAY))),
     _Field("retries", _optional(_integer(0, 100))),
+    _Field("udp_idle_timeout", _seconds(_DAY, positive=True)),
+    _Field("send_proxy", _optional(_choice("v1", "v2"))),
+    _Field("max_connections", _integer(0, 1 << 30)),
 )
 
 _HEALTH_FIELDS = (
@@ -680,6 +720,7 @@ _HEALTH_FIELDS = (
     _Field("expect_status", _status_range),
     _Field("expect_body", _optional(_nonempty_string)),
     _Field("passive", _boolean),
+    _Field("inhibit_on_failure", _boolean),
     _Field("slowstart", _seconds(3600.0)),
     _Field("on_down", _choice("keep", "reset")),
     _Field("all_down", _choice("reject", "all")),
@@ -711,12 +752,7 @@ def _parse_service(table: Mapping[Any, Any], path: str) -> ServiceConfig:
     if "health" in table:
         health = _parse_health(_table(table["health"], f"{path}.health"), f"{path}.health")
     svc = ServiceConfig(**values, backends=backends, health=health)
-    for flag in ("sh_fallback", "sh_port"):
-        if getattr(svc, flag) and svc.scheduler != "sh":
-            raise _Invalid(
-                f"{path}.{flag}",
-                f"only meaningful with scheduler = 'sh' (scheduler is {svc.scheduler!r})",
-            )
+    _check_service(svc, table, path)
     seen: dict[Address, int] = {}
     for i, backend in enumerate(backends):
         first = seen.setdefault(backend.address, i)
@@ -726,6 +762,54 @@ def _parse_service(table: Mapping[Any, Any], path: str) -> ServiceConfig:
                 f"duplicate backend {backend.address} (also {path}.backends[{first}])",
             )
     return svc
+
+
+def _check_service(svc: ServiceConfig, table: Mapping[Any, Any], path: str) -> None:
+    """The rules that tie a service's keys together."""
+    if svc.listen is None and not svc.vips:
+        raise _Invalid(f"{path}.listen", "required key is missing (or give vips)")
+    if svc.scheduler not in SCHEDULERS and svc.mode != "offload":
+        raise _Invalid(
+            f"{path}.scheduler",
+            f"{svc.scheduler!r} is a kernel-only scheduler: it needs mode = 'offload'",
+        )
+    for flag in ("sh_fallback", "sh_port"):
+        if getattr(svc, flag) and svc.scheduler not in _FLAGGED_SCHEDULERS:
+            raise _Invalid(
+                f"{path}.{flag}",
+                f"only meaningful with scheduler = 'sh' or 'mh' (scheduler is {svc.scheduler!r})",
+            )
+    if svc.protocol != "udp" and "udp_idle_timeout" in table:
+        raise _Invalid(f"{path}.udp_idle_timeout", "only meaningful with protocol = 'udp'")
+    if svc.send_proxy is not None:
+        if svc.protocol != "tcp":
+            raise _Invalid(f"{path}.send_proxy", "the PROXY protocol is only sent over TCP")
+        if svc.mode == "offload":
+            raise _Invalid(
+                f"{path}.send_proxy", "an offloaded service never sees the stream to prefix it"
+            )
+    if svc.mode == "offload":
+        if svc.listen is not None and not svc.vips:
+            ip = ipaddress.ip_address(svc.listen.host)
+            if ip.is_unspecified or svc.listen.port == 0:
+                raise _Invalid(
+                    f"{path}.listen",
+                    "an offloaded service needs a concrete IP and port as its VIP "
+                    f"(or vips), got {svc.listen}",
+                )
+        if svc.max_connections:
+            raise _Invalid(
+                f"{path}.max_connections",
+                "not available with mode = 'offload' (use the backends' upper_threshold)",
+            )
+    families = {v.family for v in svc.vips}
+    for i, backend in enumerate(svc.backends):
+        if svc.mode == "offload" and families and backend.address.family not in families:
+            raise _Invalid(
+                f"{path}.backends[{i}].address",
+                f"{backend.address} is of another address family than every VIP "
+                "(IPVS masquerading does not translate between IPv4 and IPv6)",
+            )
 
 
 def _parse_health(table: Mapping[Any, Any], path: str) -> HealthConfig:
@@ -766,10 +850,11 @@ def _parse_backend(table: Mapping[Any, Any], path: str) -> BackendConfig:
 
 def _check_unique_services(services: Sequence[ServiceConfig], admin: AdminConfig) -> None:
     names: dict[str, int] = {}
-    listens: dict[Address, str] = {}
+    listens: dict[tuple[str, Address], str] = {}
+    vips: dict[tuple[str, Address], str] = {}
     # Port 0 asks the kernel for a fresh port per socket, so it cannot collide.
     if admin.listen.port:
-        listens[admin.listen] = "admin.listen"
+        listens[("tcp", admin.listen)] = "admin.listen"
     for i, svc in enumerate(services):
         first = names.setdefault(svc.name, i)
         if first != i:
@@ -777,9 +862,16 @@ def _check_unique_services(services: Sequence[ServiceConfig], admin: AdminConfig
                 f"services[{i}].name",
                 f"duplicate service name {svc.name!r} (also services[{first}])",
             )
-        if not svc.listen.port:
+        for j, vip in enumerate(svc.vips):
+            where = f"services[{i}].vips[{j}]"
+            owner = vips.get((svc.protocol, vip))
+            if owner is not None:
+                raise _Invalid(where, f"{svc.protocol} {vip} is already used by {owner}")
+            vips[(svc.protocol, vip)] = f"service {svc.name!r} ({where})"
+        if svc.listen is None or not svc.listen.port:
             continue
-        owner = listens.get(svc.listen)
+        key = (svc.protocol, svc.listen)
+        owner = listens.get(key)
         if owner is not None:
             raise _Invalid(f"services[{i}].listen", f"{svc.listen} is already used by {owner}")
-        listens[svc.listen] = f"service {svc.name!r} (services[{i}].listen)"
+        listens[key] = f"service {svc.name!r} (services[{i}].listen)"

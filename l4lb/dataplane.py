@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from l4lb import _dataplane
 from l4lb.config import Address
-from l4lb.state import DestOp, ServicePlan, ServiceSpec
+from l4lb.state import DestOp, ServicePlan, ServiceSpec, listeners
 
 log = logging.getLogger("l4lb.dataplane")
 
@@ -72,7 +72,7 @@ class DataplaneStats:
 class _Service:
     id: int
     spec: ServiceSpec
-    bound: Address  # the listen address with the real port (port 0 resolved)
+    bound: tuple[Address, ...]  # the listeners with their real ports (port 0 resolved)
     slots: dict[str, int] = field(default_factory=dict)  # str(address) -> slot id
 
 
@@ -102,6 +102,29 @@ def _bind_listeners(addr: Address, count: int, protocol: str = "tcp") -> list[so
             s.close()
         raise
     return socks
+
+
+def _trash_key(bound: tuple[Address, ...]) -> str:
+    return ",".join(str(a) for a in bound)
+
+
+def _bind_service(spec: ServiceSpec, count: int) -> list[list[socket.socket]]:
+    """Every listener of ``spec`` (see :func:`l4lb.state.listeners`), ``count`` sockets each."""
+    bound: list[list[socket.socket]] = []
+    try:
+        for addr in listeners(spec):
+            try:
+                bound.append(_bind_listeners(addr, count, spec.protocol))
+            except OSError as e:
+                raise OSError(
+                    e.errno, f"cannot listen on {spec.protocol} {addr}: {e.strerror}"
+                ) from None
+    except OSError:
+        for socks in bound:
+            for s in socks:
+                s.close()
+        raise
+    return bound
 
 
 class Dataplane:
@@ -192,7 +215,7 @@ class Dataplane:
         if svc is not None and p.listen_changed:
             # A new key for IPVS means a new virtual service: the plan's ops rebuild
             # it from scratch, and connections to the old listener go on.
-            socks = _bind_listeners(p.spec.listen, self.workers, p.spec.protocol)
+            socks = _bind_service(p.spec, self.workers)
             self._remove(p.name)
             self._add(p.spec, p.ops, socks)
             return
@@ -205,10 +228,14 @@ class Dataplane:
         self._apply_ops(svc, p.ops)
 
     def _add(
-        self, spec: ServiceSpec, ops: Iterable[DestOp], socks: list[socket.socket] | None = None
+        self,
+        spec: ServiceSpec,
+        ops: Iterable[DestOp],
+        bound: list[list[socket.socket]] | None = None,
     ) -> None:
-        if socks is None:
-            socks = _bind_listeners(spec.listen, self.workers, spec.protocol)
+        if bound is None:
+            bound = _bind_service(spec, self.workers)
+        socks = [s for group in bound for s in group]
         if self._free_services:
             sid = self._free_services.pop()
             self._dp.service_reset_counters(sid)
@@ -221,8 +248,11 @@ class Dataplane:
                 s.close()
             self._free_services.append(sid)
             raise
-        port = socks[0].getsockname()[1]
-        svc = _Service(sid, spec, Address(spec.listen.host, port, spec.listen.family))
+        addrs = tuple(
+            Address(a.host, group[0].getsockname()[1], a.family)
+            for a, group in zip(listeners(spec), bound, strict=True)
+        )
+        svc = _Service(sid, spec, addrs)
         self._services[spec.name] = svc
         try:
             self._apply_ops(svc, ops)
@@ -231,7 +261,8 @@ class Dataplane:
                 s.close()
             self._remove(spec.name)
             raise
-        self._hand_over(sid, socks)
+        for group in bound:
+            self._hand_over(sid, group)
 
     def _new_service_id(self) -> int:
         sid = self._next_service
@@ -260,7 +291,7 @@ class Dataplane:
         for op in ops:
             key = str(op.dest.address)
             d = op.dest
-            trash_key = (svc.spec.protocol, str(svc.bound), key)
+            trash_key = (svc.spec.protocol, _trash_key(svc.bound), key)
             if op.kind == "add":
                 slot = self._retired_slots.pop(trash_key, None)
                 if slot is None:
@@ -292,7 +323,7 @@ class Dataplane:
         self._dp.remove_listeners(svc.id)
         self._dp.service_clear(svc.id)
         for key, slot in svc.slots.items():
-            self._retired_slots[(svc.spec.protocol, str(svc.bound), key)] = slot
+            self._retired_slots[(svc.spec.protocol, _trash_key(svc.bound), key)] = slot
         self._retired_services.append(svc.id)
 
     def _reclaim(self) -> None:
@@ -316,7 +347,11 @@ class Dataplane:
     # ----------------------------------------------------------------- reading
 
     def listen_address(self, name: str) -> Address:
-        """Where the service really listens (with port 0 resolved)."""
+        """Where the service really listens (its first listener, port 0 resolved)."""
+        return self._services[name].bound[0]
+
+    def listen_addresses(self, name: str) -> tuple[Address, ...]:
+        """Every listener of the service, in :func:`l4lb.state.listeners` order."""
         return self._services[name].bound
 
     def dest_order(self, name: str) -> list[str]:

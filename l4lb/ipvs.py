@@ -188,7 +188,7 @@ class Command:
 
 def desired_service(spec: ServiceSpec) -> Desired:
     """Translate ``spec``; raise :class:`IpvsConfigError` for what IPVS cannot express."""
-    listen = spec.listen
+    listen = spec.listen if spec.listen is not None else spec.vips[0]
     ip = ipaddress.ip_address(listen.host)
     if ip.is_unspecified:
         raise IpvsConfigError(

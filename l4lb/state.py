@@ -12,6 +12,7 @@ Everything here is pure: no I/O, no clocks, no mutation of the inputs.
 from __future__ import annotations
 
 import math
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,7 @@ __all__ = [
     "ServicePlan",
     "ServiceSpec",
     "desired_state",
+    "listeners",
     "plan",
     "ramped_weight",
 ]
@@ -55,7 +57,8 @@ class Health:
     """What health checking says about one backend, as an input to :func:`desired_state`.
 
     A down backend is programmed with weight 0 (keepalived's ``inhibit_on_failure``), so
-    it keeps its place in the destination list and its open connections. ``ramp`` is the
+    it keeps its place in the destination list and its open connections; with
+    ``inhibit_on_failure = false`` it is removed from the service instead. ``ramp`` is the
     slow-start fraction of the weight an up backend gets, in (0, 1].
     """
 
@@ -85,7 +88,7 @@ class ServiceSpec:
     """One virtual service as it must be programmed, with every default resolved."""
 
     name: str
-    listen: Address
+    listen: Address | None
     protocol: str
     scheduler: str
     flags: int
@@ -98,6 +101,29 @@ class ServiceSpec:
     drain_timeout: float
     retries: int
     dests: tuple[DestSpec, ...]
+    vips: tuple[Address, ...] = ()
+    mode: str = "splice"
+    send_proxy: str | None = None
+    max_connections: int = 0
+
+
+_WILDCARDS: dict[int, str] = {socket.AF_INET: "0.0.0.0", socket.AF_INET6: "::"}
+
+
+def listeners(spec: ServiceSpec) -> tuple[Address, ...]:
+    """Where the splicer accepts for ``spec``: ``listen``, plus the wildcard address of each
+    VIP family that ``listen`` does not already cover.
+
+    REDIRECT delivers to the address of the interface a packet came in on (or loopback for
+    the node's own traffic), so a VIP is served by a wildcard listener; its port is
+    ``listen``'s when ``listen`` is that family's wildcard, else one the kernel picks.
+    """
+    found: list[Address] = [] if spec.listen is None else [spec.listen]
+    for family in sorted({v.family for v in spec.vips}):
+        wildcard = _WILDCARDS[family]
+        if not any(a.family == family and a.host == wildcard for a in found):
+            found.append(Address(wildcard, 0, family))
+    return tuple(found)
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +211,8 @@ def _service_spec(
         if override is not None and override.drain:
             weight = 0
         elif state is not None:
+            if not state.up and svc.health is not None and not svc.health.inhibit_on_failure:
+                continue
             weight = ramped_weight(weight, state.ramp) if state.up else 0
         dests.append(
             DestSpec(
@@ -205,10 +233,15 @@ def _service_spec(
         persist_netmask6=svc.affinity_netmask6,
         expire_quiescent=svc.expire_quiescent,
         connect_timeout=svc.connect_timeout,
-        idle_timeout=svc.idle_timeout,
+        # A UDP flow's only end is its idle timeout.
+        idle_timeout=svc.udp_idle_timeout if svc.protocol == "udp" else svc.idle_timeout,
         drain_timeout=default_drain if svc.drain_timeout is None else svc.drain_timeout,
         retries=-1 if svc.retries is None else svc.retries,
         dests=tuple(dests),
+        vips=svc.vips,
+        mode=svc.mode,
+        send_proxy=svc.send_proxy,
+        max_connections=svc.max_connections,
     )
 
 
@@ -243,7 +276,9 @@ def plan(old: Mapping[str, ServiceSpec], new: Mapping[str, ServiceSpec]) -> list
 def _plan_service(old: ServiceSpec | None, new: ServiceSpec) -> ServicePlan:
     if old is None:
         return ServicePlan(new.name, "add", new, False, False, _add_all(new))
-    listen_changed = old.listen != new.listen or old.protocol != new.protocol
+    listen_changed = (
+        listeners(old) != listeners(new) or old.protocol != new.protocol or old.mode != new.mode
+    )
     settings_changed = _settings(old) != _settings(new)
     if listen_changed:
         return ServicePlan(new.name, "update", new, True, settings_changed, _add_all(new))
@@ -270,6 +305,9 @@ def _settings(spec: ServiceSpec) -> tuple[object, ...]:
         spec.idle_timeout,
         spec.drain_timeout,
         spec.retries,
+        spec.vips,
+        spec.send_proxy,
+        spec.max_connections,
     )
 
 

@@ -331,6 +331,50 @@ def test_same_backend_in_two_services_is_fine() -> None:
     assert len(parse_config(data, source="x.toml").services) == 2
 
 
+def test_vip_service_needs_no_listen() -> None:
+    data = {
+        "services": [{"name": "s", "vips": ["10.96.0.10:53", "[fd00::10]:53"], "protocol": "udp"}]
+    }
+    svc = parse_config(data, source="x.toml").service("s")
+    assert svc.listen is None
+    assert [str(v) for v in svc.vips] == ["10.96.0.10:53", "[fd00::10]:53"]
+    assert svc.udp_idle_timeout == 30.0
+    assert svc.mode == "splice"
+
+
+def test_same_address_for_tcp_and_udp_is_fine() -> None:
+    data = {
+        "services": [
+            {"name": "a", "listen": "127.0.0.1:53", "vips": ["10.0.0.1:53"]},
+            {"name": "b", "listen": "127.0.0.1:53", "vips": ["10.0.0.1:53"], "protocol": "udp"},
+        ]
+    }
+    assert len(parse_config(data, source="x.toml").services) == 2
+
+
+def test_udp_proxy_offload_and_limit_keys() -> None:
+    data = {
+        "services": [
+            {"name": "dns", "listen": "127.0.0.1:53", "protocol": "udp", "udp_idle_timeout": 0.25},
+            {"name": "web", "listen": "127.0.0.1:80", "send_proxy": "v2", "max_connections": 7},
+            {
+                "name": "kern",
+                "vips": ["10.0.0.1:80"],
+                "mode": "offload",
+                "scheduler": "mh",
+                "sh_port": True,
+                "health": {"inhibit_on_failure": False},
+            },
+        ]
+    }
+    cfg = parse_config(data, source="x.toml")
+    assert cfg.service("dns").udp_idle_timeout == 0.25
+    assert (cfg.service("web").send_proxy, cfg.service("web").max_connections) == ("v2", 7)
+    kern = cfg.service("kern")
+    assert (kern.mode, kern.scheduler, kern.sh_port) == ("offload", "mh", True)
+    assert kern.health is not None and not kern.health.inhibit_on_failure
+
+
 def test_service_lookup_raises_key_error() -> None:
     cfg = parse_config({}, source="x.toml")
     with pytest.raises(KeyError):
@@ -690,14 +734,91 @@ MISTAKES: list[tuple[str, str, str]] = [
         "services[0].drain_timeout: must be a number of seconds from 0 to 86400, got inf",
     ),
     (
-        "udp",
-        SVC + 'protocol = "udp"\n',
-        "services[0].protocol: udp services are not supported yet",
+        "udp-idle-timeout-on-tcp",
+        SVC + "udp_idle_timeout = 5\n",
+        "services[0].udp_idle_timeout: only meaningful with protocol = 'udp'",
     ),
     (
         "other-protocol",
         SVC + 'protocol = "TCP"\n',
-        "services[0].protocol: must be 'tcp', got 'TCP'",
+        "services[0].protocol: must be 'tcp' or 'udp', got 'TCP'",
+    ),
+    (
+        "no-listen-no-vips",
+        '[[services]]\nname = "web"\n',
+        "services[0].listen: required key is missing (or give vips)",
+    ),
+    (
+        "vip-unspecified",
+        SVC + 'vips = ["0.0.0.0:80"]\n',
+        "services[0].vips[0]: a VIP must be a unicast address, 0.0.0.0 is unspecified",
+    ),
+    (
+        "vip-port-zero",
+        SVC + 'vips = ["10.0.0.1:0"]\n',
+        (
+            "services[0].vips[0]: invalid address '10.0.0.1:0': "
+            "port 0 (any free port) is only allowed for listen addresses"
+        ),
+    ),
+    (
+        "vip-duplicate",
+        SVC + 'vips = ["10.0.0.1:80", "10.0.0.1:80"]\n',
+        "services[0].vips[1]: duplicate VIP 10.0.0.1:80 (also services[0].vips[0])",
+    ),
+    (
+        "vip-not-array",
+        SVC + 'vips = "10.0.0.1:80"\n',
+        "services[0].vips: must be an array of 'IP:PORT' strings, got string '10.0.0.1:80'",
+    ),
+    (
+        "vip-shared",
+        SVC + 'vips = ["10.0.0.1:80"]\n' + '[[services]]\nname = "b"\nvips = ["10.0.0.1:80"]\n',
+        (
+            "services[1].vips[0]: tcp 10.0.0.1:80 is already used by service 'web' "
+            "(services[0].vips[0])"
+        ),
+    ),
+    (
+        "kernel-scheduler-in-splice-mode",
+        SVC + 'scheduler = "mh"\n',
+        "services[0].scheduler: 'mh' is a kernel-only scheduler: it needs mode = 'offload'",
+    ),
+    (
+        "send-proxy-udp",
+        SVC + 'protocol = "udp"\nsend_proxy = "v2"\n',
+        "services[0].send_proxy: the PROXY protocol is only sent over TCP",
+    ),
+    (
+        "send-proxy-bad",
+        SVC + 'send_proxy = "v3"\n',
+        "services[0].send_proxy: must be 'v1' or 'v2', got 'v3'",
+    ),
+    (
+        "offload-wildcard",
+        '[[services]]\nname = "web"\nlisten = "0.0.0.0:80"\nmode = "offload"\n',
+        (
+            "services[0].listen: an offloaded service needs a concrete IP and port as its VIP "
+            "(or vips), got 0.0.0.0:80"
+        ),
+    ),
+    (
+        "offload-mixed-family",
+        '[[services]]\nname = "web"\nvips = ["10.0.0.1:80"]\nmode = "offload"\n'
+        + '[[services.backends]]\naddress = "[fd00::1]:80"\n',
+        (
+            "services[0].backends[0].address: [fd00::1]:80 is of another address family than "
+            "every VIP (IPVS masquerading does not translate between IPv4 and IPv6)"
+        ),
+    ),
+    (
+        "offload-max-connections",
+        '[[services]]\nname = "web"\nvips = ["10.0.0.1:80"]\nmode = "offload"\n'
+        + "max_connections = 5\n",
+        (
+            "services[0].max_connections: not available with mode = 'offload' "
+            "(use the backends' upper_threshold)"
+        ),
     ),
     (
         "bool-as-int",
@@ -715,12 +836,15 @@ MISTAKES: list[tuple[str, str, str]] = [
     (
         "sh-fallback-without-sh",
         SVC + "sh_fallback = true\n",
-        "services[0].sh_fallback: only meaningful with scheduler = 'sh' (scheduler is 'rr')",
+        (
+            "services[0].sh_fallback: only meaningful with scheduler = 'sh' or 'mh' "
+            "(scheduler is 'rr')"
+        ),
     ),
     (
         "sh-port-without-sh",
         SVC + 'scheduler = "wrr"\nsh_port = true\n',
-        "services[0].sh_port: only meaningful with scheduler = 'sh' (scheduler is 'wrr')",
+        "services[0].sh_port: only meaningful with scheduler = 'sh' or 'mh' (scheduler is 'wrr')",
     ),
     (
         "health-not-a-table",
@@ -1077,6 +1201,11 @@ _SERVICE_KEYS = [
     "idle_timeout",
     "drain_timeout",
     "retries",
+    "vips",
+    "mode",
+    "udp_idle_timeout",
+    "send_proxy",
+    "max_connections",
     "backends",
 ]
 _HEALTH_KEYS = [
@@ -1092,6 +1221,7 @@ _HEALTH_KEYS = [
     "expect_status",
     "expect_body",
     "passive",
+    "inhibit_on_failure",
     "slowstart",
     "on_down",
     "all_down",
@@ -1204,7 +1334,8 @@ def test_fuzz_plausible_configs(data: dict[str, Any]) -> None:
     assert len({s.name for s in cfg.services}) == len(cfg.services)
     for svc in cfg.services:
         assert len({b.address for b in svc.backends}) == len(svc.backends)
-        assert svc.scheduler == "sh" or not (svc.sh_fallback or svc.sh_port)
+        assert svc.scheduler in ("sh", "mh") or not (svc.sh_fallback or svc.sh_port)
+        assert svc.listen is not None or svc.vips
         for b in svc.backends:
             assert 0 <= b.weight <= 65535
             assert not b.upper_threshold or b.lower_threshold <= b.upper_threshold
