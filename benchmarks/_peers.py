@@ -21,7 +21,7 @@ from pathlib import Path
 from benchmarks._procs import ManagedProcess, PeerUnavailable, free_port, process_tree
 from l4lb._testbase import L4lbProcess, L4lbStartError
 
-__all__ = ["PEERS", "Front", "start_peer"]
+__all__ = ["PEERS", "UDP_PEERS", "Front", "start_peer"]
 
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 _HERE = Path(__file__).resolve().parent
@@ -45,11 +45,13 @@ def _root_env() -> dict[str, str]:
     return env
 
 
-def _direct(backend: str, workdir: Path, max_conns: int) -> Front:
+def _direct(backend: str, workdir: Path, max_conns: int, protocol: str) -> Front:
     return Front("direct", backend, pids=lambda: [], stop=lambda: None)
 
 
-def _l4lb(backend: str, workdir: Path, max_conns: int, *, affinity: float = 0.0) -> Front:
+def _l4lb(
+    backend: str, workdir: Path, max_conns: int, protocol: str, *, affinity: float = 0.0
+) -> Front:
     config = {
         "admin": {"listen": "127.0.0.1:0"},
         "dataplane": {"workers": 1},
@@ -57,6 +59,7 @@ def _l4lb(backend: str, workdir: Path, max_conns: int, *, affinity: float = 0.0)
             {
                 "name": "bench",
                 "listen": "127.0.0.1:0",
+                "protocol": protocol,
                 "scheduler": "rr",
                 "affinity_timeout": affinity,
                 "backends": [{"address": backend, "weight": 1}],
@@ -73,16 +76,26 @@ def _l4lb(backend: str, workdir: Path, max_conns: int, *, affinity: float = 0.0)
         proc.service_address("bench"),
         pids=lambda: [proc.pid],
         stop=proc.stop,
-        info={"mode": "splice", "workers": "1", "affinity_timeout": f"{affinity:g}"},
+        info={
+            "mode": "splice" if protocol == "tcp" else "udp",
+            "workers": "1",
+            "affinity_timeout": f"{affinity:g}",
+        },
     )
 
 
-def _l4lb_affinity(backend: str, workdir: Path, max_conns: int) -> Front:
+def _l4lb_affinity(backend: str, workdir: Path, max_conns: int, protocol: str) -> Front:
     """l4lb with client-IP affinity on: the cost of a template per client."""
-    return _l4lb(backend, workdir, max_conns, affinity=300.0)
+    return _l4lb(backend, workdir, max_conns, protocol, affinity=300.0)
 
 
-def _haproxy(backend: str, workdir: Path, max_conns: int) -> Front:
+def _tcp_only(peer: str, protocol: str) -> None:
+    if protocol != "tcp":
+        raise PeerUnavailable(f"{peer} does not proxy {protocol}")
+
+
+def _haproxy(backend: str, workdir: Path, max_conns: int, protocol: str) -> Front:
+    _tcp_only("haproxy", protocol)
     exe = shutil.which("haproxy")
     if exe is None:
         raise PeerUnavailable("haproxy is not installed")
@@ -125,16 +138,22 @@ def _haproxy(backend: str, workdir: Path, max_conns: int) -> Front:
     )
 
 
-def _nginx(backend: str, workdir: Path, max_conns: int) -> Front:
+def _nginx(backend: str, workdir: Path, max_conns: int, protocol: str) -> Front:
     exe = shutil.which("nginx")
     if exe is None:
         raise PeerUnavailable("nginx is not installed")
     if not NGINX_STREAM_MODULE.exists():
         raise PeerUnavailable(f"{NGINX_STREAM_MODULE} missing (install libnginx-mod-stream)")
-    port = free_port()
+    port = free_port(udp=protocol == "udp")
     prefix = workdir / "nginx-stream"
     prefix.mkdir(parents=True, exist_ok=True)
     nofile = 2 * max_conns + 256
+    if protocol == "udp":
+        # One reply per datagram, as DNS-like request/response traffic expects.
+        server = f"listen 127.0.0.1:{port} udp; proxy_pass {backend}; proxy_responses 1;"
+        server += " proxy_timeout 10s;"
+    else:
+        server = f"listen 127.0.0.1:{port} backlog=4096; proxy_pass {backend};"
     conf = prefix / "nginx.conf"
     conf.write_text(
         textwrap.dedent(
@@ -148,8 +167,7 @@ def _nginx(backend: str, workdir: Path, max_conns: int) -> Front:
             events {{ worker_connections {nofile}; }}
             stream {{
                 server {{
-                    listen 127.0.0.1:{port} backlog=4096;
-                    proxy_pass {backend};
+                    {server}
                 }}
             }}
             """
@@ -157,17 +175,18 @@ def _nginx(backend: str, workdir: Path, max_conns: int) -> Front:
     )
     argv = [exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
     proc = ManagedProcess("nginx-stream", argv, prefix)
-    proc.wait_listening(port)
+    proc.wait_listening(port, udp=protocol == "udp")
     return Front(
         "nginx",
         f"127.0.0.1:{port}",
         pids=lambda: process_tree(proc.pid),
         stop=proc.stop,
-        info={"worker_processes": "1"},
+        info={"worker_processes": "1", "protocol": protocol},
     )
 
 
-def _asyncio(backend: str, workdir: Path, max_conns: int) -> Front:
+def _asyncio(backend: str, workdir: Path, max_conns: int, protocol: str) -> Front:
+    _tcp_only("asyncio", protocol)
     ready = workdir / "asyncio-proxy" / "ready.json"
     ready.parent.mkdir(parents=True, exist_ok=True)
     ready.unlink(missing_ok=True)  # a stale file would pass for readiness
@@ -194,7 +213,7 @@ def _asyncio(backend: str, workdir: Path, max_conns: int) -> Front:
 
 
 #: Measurement order within each round: the references first, then l4lb, then the others.
-PEERS: dict[str, Callable[[str, Path, int], Front]] = {
+PEERS: dict[str, Callable[[str, Path, int, str], Front]] = {
     "direct": _direct,
     "l4lb": _l4lb,
     "l4lb-affinity": _l4lb_affinity,
@@ -204,9 +223,15 @@ PEERS: dict[str, Callable[[str, Path, int], Front]] = {
 }
 
 
-def start_peer(name: str, backend: str, workdir: Path, *, max_conns: int = 1024) -> Front:
+#: The peers that proxy UDP (request/response with one reply per datagram).
+UDP_PEERS = ("direct", "l4lb", "nginx")
+
+
+def start_peer(
+    name: str, backend: str, workdir: Path, *, max_conns: int = 1024, protocol: str = "tcp"
+) -> Front:
     """Start peer ``name`` in front of ``backend``; raise :class:`PeerUnavailable` if it can't."""
     started = time.monotonic()
-    front = PEERS[name](backend, workdir, max_conns)
+    front = PEERS[name](backend, workdir, max_conns, protocol)
     front.info["startup_s"] = f"{time.monotonic() - started:.3f}"
     return front

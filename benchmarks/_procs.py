@@ -1,8 +1,9 @@
 """Subprocess plumbing for the benchmark peers: start, wait until listening, measure, stop.
 
-Readiness is read from /proc/net/tcp{,6} instead of by connecting, because a probe
-connection would be proxied to the backend and could disturb it (iperf3 treats any
-connection as the start of a test).
+Readiness is read from /proc/<pid>/net/{tcp,udp}{,6} instead of by connecting, because a
+probe connection would be proxied to the backend and could disturb it (iperf3 treats any
+connection as the start of a test); reading the process's own table also works for a
+process started inside another network namespace.
 """
 
 from __future__ import annotations
@@ -31,32 +32,40 @@ __all__ = [
 ]
 
 _TCP_LISTEN = "0A"
+_UDP_UNCONNECTED = "07"  # TCP_CLOSE, the state /proc shows for a bound UDP socket
 
 
 class PeerUnavailable(Exception):
     """A peer or backend cannot run here; the message is the skip reason."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", *, udp: bool = False) -> int:
     """Return a port that was free a moment ago, for programs that cannot bind port 0."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def is_listening(port: int) -> bool:
-    """True when some socket on this host is in LISTEN state on TCP ``port``."""
+def is_listening(port: int, *, pid: int | None = None, udp: bool = False) -> bool:
+    """True when a socket listens on ``port`` (TCP LISTEN, or a bound unconnected UDP socket).
+
+    With ``pid`` the tables of that process's network namespace are read, so a process
+    started inside another namespace can be waited for from here.
+    """
     want = f"{port:04X}"
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = f"/proc/{pid}/net" if pid is not None else "/proc/net"
+    kind = "udp" if udp else "tcp"
+    state = _UDP_UNCONNECTED if udp else _TCP_LISTEN
+    for table in (f"{base}/{kind}", f"{base}/{kind}6"):
         try:
             lines = Path(table).read_text(encoding="ascii").splitlines()[1:]
-        except FileNotFoundError:
+        except OSError:  # no IPv6, or the process is gone
             continue
         for line in lines:
             fields = line.split()
-            if fields[1].rsplit(":", 1)[1] == want and fields[3] == _TCP_LISTEN:
+            if fields[1].rsplit(":", 1)[1] == want and fields[3] == state:
                 return True
     return False
 
@@ -158,9 +167,9 @@ class ManagedProcess:
                 raise PeerUnavailable(f"{self.name} not ready after {timeout:g}s: {self.tail()}")
             time.sleep(0.02)
 
-    def wait_listening(self, port: int, timeout: float = 15.0) -> None:
-        """Wait until TCP ``port`` is listening."""
-        self.wait_until(lambda: is_listening(port), timeout)
+    def wait_listening(self, port: int, timeout: float = 15.0, *, udp: bool = False) -> None:
+        """Wait until ``port`` is listening in the process's own network namespace."""
+        self.wait_until(lambda: is_listening(port, pid=self.pid, udp=udp), timeout)
 
     def stop(self, timeout: float = 10.0) -> int:
         """Signal, wait, SIGKILL as a last resort; return the exit code."""

@@ -6,6 +6,10 @@ are medians over rounds, ``l4lb / peer`` for every metric: above 1 is better for
 ``higher_is_better`` (throughput, rates), below 1 when not (latency, memory). They are
 recomputed into every entry's ``extra_info`` after each measurement, because the peers of a
 workload are measured one after another and pytest-benchmark writes the file only at the end.
+
+Stability: each round is a pass over all peers, so the ratio is also taken within every
+round; when those per-round ratios lie more than :data:`UNSTABLE` apart, the report flags
+the ratio (and likewise when two result files are compared).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["L4LB", "Measurement", "Metric", "Results", "Summary", "summarize"]
+__all__ = ["L4LB", "UNSTABLE", "Measurement", "Metric", "Results", "Summary", "summarize"]
 
 L4LB = "l4lb"
+#: Ratios whose rounds (or two runs) differ by more than this are flagged unstable.
+UNSTABLE = 0.10
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,15 @@ class Summary:
     higher_is_better: dict[tuple[str, str], bool]
     ratios: dict[str, dict[str, dict[str, float]]]
     rounds: dict[str, dict[str, int]]
+    #: l4lb / peer within each round that measured both, in round order.
+    round_ratios: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+
+    def spread(self, workload: str, metric: str, peer: str) -> float | None:
+        """How far the per-round ratios lie apart (max / min - 1); None with under 2 rounds."""
+        values = self.round_ratios.get(workload, {}).get(metric, {}).get(peer, [])
+        if len(values) < 2 or min(values) <= 0:
+            return None
+        return max(values) / min(values) - 1.0
 
 
 def summarize(entries: Iterable[Mapping[str, Any]]) -> Summary:
@@ -58,6 +73,9 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> Summary:
     units: dict[tuple[str, str], str] = {}
     better: dict[tuple[str, str], bool] = {}
     rounds: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    by_round: dict[tuple[str, str], dict[int, dict[str, float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
     for info in entries:
         workload, peer = info.get("workload"), info.get("peer")
         if not workload or not peer:
@@ -65,6 +83,7 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> Summary:
         rounds[workload][peer] += 1
         for name, metric in info.get("metrics", {}).items():
             values[workload][name][peer].append(float(metric["value"]))
+            by_round[(workload, name)][int(info.get("round", 0))][peer] = float(metric["value"])
             units[(workload, name)] = metric["unit"]
             better[(workload, name)] = bool(metric["higher_is_better"])
     medians = {
@@ -80,12 +99,21 @@ def summarize(entries: Iterable[Mapping[str, Any]]) -> Summary:
             for peer, theirs in by_peer.items():
                 if peer != L4LB and theirs > 0:
                     ratios.setdefault(workload, {}).setdefault(name, {})[peer] = ours / theirs
+    round_ratios: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for (workload, name), per_round in by_round.items():
+        for _, by_peer in sorted(per_round.items()):
+            ours = by_peer.get(L4LB)
+            for peer, theirs in by_peer.items():
+                if ours is not None and peer != L4LB and theirs > 0:
+                    per_metric = round_ratios.setdefault(workload, {}).setdefault(name, {})
+                    per_metric.setdefault(peer, []).append(ours / theirs)
     return Summary(
         medians,
         units,
         better,
         ratios,
         {w: dict(p) for w, p in rounds.items()},
+        round_ratios,
     )
 
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,21 +44,25 @@ STATIC_BODY = b"ok\n"
 
 
 @contextmanager
-def iperf3_backend(workdir: Path) -> Iterator[str]:
-    """Run ``iperf3 -s`` on loopback; yield its address."""
+def iperf3_backend(
+    workdir: Path, host: str = "127.0.0.1", ns_prefix: Sequence[str] = ()
+) -> Iterator[str]:
+    """Run ``iperf3 -s`` on ``host`` (in a namespace when ``ns_prefix`` is an ``ip netns exec``)."""
     exe = shutil.which("iperf3")
     if exe is None:
         raise PeerUnavailable("iperf3 is not installed")
     port = free_port()
-    argv = [exe, "-s", "-B", "127.0.0.1", "-p", str(port)]
+    argv = [*ns_prefix, exe, "-s", "-B", host, "-p", str(port)]
     with ManagedProcess("iperf3-server", argv, workdir / "iperf3") as proc:
         proc.wait_listening(port)
-        yield f"127.0.0.1:{port}"
+        yield f"{host}:{port}"
 
 
 @contextmanager
-def nginx_http_backend(workdir: Path) -> Iterator[str]:
-    """Run nginx (``worker_processes 1``) serving a 3-byte file; yield its address."""
+def nginx_http_backend(
+    workdir: Path, host: str = "127.0.0.1", ns_prefix: Sequence[str] = ()
+) -> Iterator[str]:
+    """Run nginx (``worker_processes 1``) serving a 3-byte file on ``host``; yield its address."""
     exe = shutil.which("nginx")
     if exe is None:
         raise PeerUnavailable("nginx is not installed")
@@ -89,17 +93,17 @@ def nginx_http_backend(workdir: Path) -> Iterator[str]:
                 default_type text/plain;
             {temp}
                 server {{
-                    listen 127.0.0.1:{port} backlog=4096;
+                    listen {host}:{port} backlog=4096;
                     root {prefix}/html;
                 }}
             }}
             """
-        ).format(user=user, prefix=prefix, temp=temp, port=port)
+        ).format(user=user, prefix=prefix, temp=temp, host=host, port=port)
     )
-    argv = [exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+    argv = [*ns_prefix, exe, "-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
     with ManagedProcess("nginx-http", argv, prefix) as proc:
         proc.wait_listening(port)
-        yield f"127.0.0.1:{port}"
+        yield f"{host}:{port}"
 
 
 @contextmanager
@@ -145,14 +149,16 @@ def parse_iperf3(text: str) -> IperfResult:
     )
 
 
-def run_iperf3(address: str, *, streams: int, seconds: int, omit: int = 1) -> IperfResult:
+def run_iperf3(
+    address: str, *, streams: int, seconds: int, omit: int = 1, ns_prefix: Sequence[str] = ()
+) -> IperfResult:
     """Run an iperf3 client through ``address`` for ``seconds``, the first ``omit`` not counted.
 
     Always time-based: with ``-n`` the sender stops as soon as its socket buffers hold the
     data, and the receiver's total then depends on how much a proxy had in flight.
     """
     host, _, port = address.rpartition(":")
-    argv = ["iperf3", "-c", host, "-p", port, "-P", str(streams), "-J"]
+    argv = [*ns_prefix, "iperf3", "-c", host, "-p", port, "-P", str(streams), "-J"]
     argv += ["-t", str(seconds), "-O", str(omit)]
     budget = seconds + omit + 30
     last = ""
@@ -222,13 +228,19 @@ def parse_wrk(text: str) -> WrkResult:
 
 
 def run_wrk(
-    address: str, *, seconds: int, connections: int, close: bool, threads: int = 1
+    address: str,
+    *,
+    seconds: int,
+    connections: int,
+    close: bool,
+    threads: int = 1,
+    ns_prefix: Sequence[str] = (),
 ) -> WrkResult:
     """Run ``wrk --latency`` against ``http://address/``, optionally with Connection: close."""
     exe = shutil.which("wrk")
     if exe is None:
         raise PeerUnavailable("wrk is not installed")
-    argv = [exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    argv = [*ns_prefix, exe, f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
     argv.append(f"http://{address}/")

@@ -34,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -215,7 +215,10 @@ def _throughput(address: str, size: int) -> float:
 
 
 def test_throughput_with_checks(
-    benchmark: Any, settings: Settings, sink: SinkSourceServer, tmp_path: Path
+    benchmark: Any,
+    settings: Settings,
+    sink: SinkSourceServer,
+    l4lb_factory: Callable[..., L4lbProcess],
 ) -> None:
     size = (32 if settings.quick else 1024) * MiB
     rounds = 1 if settings.quick else 5
@@ -232,15 +235,14 @@ def test_throughput_with_checks(
 
     def measure() -> dict[str, Any]:
         speeds: dict[str, list[float]] = {"off": [], "on": []}
-        with (
-            L4lbProcess(base, workdir=tmp_path / "off", log_level="warning") as off,
-            L4lbProcess(checked, workdir=tmp_path / "on", log_level="warning") as on,
-        ):
-            time.sleep(0.3)  # let the checks start
-            for _ in range(rounds):
-                speeds["off"].append(_throughput(off.service_address("bench"), size))
-                speeds["on"].append(_throughput(on.service_address("bench"), size))
-            assert on.service("bench")["backends"][0]["up"]
+        # The package's own pytest plugin starts both (and stops them at teardown).
+        off = l4lb_factory(base, log_level="warning")
+        on = l4lb_factory(checked, log_level="warning")
+        time.sleep(0.3)  # let the checks start
+        for _ in range(rounds):
+            speeds["off"].append(_throughput(off.service_address("bench"), size))
+            speeds["on"].append(_throughput(on.service_address("bench"), size))
+        assert on.service("bench")["backends"][0]["up"]
         off_gbps, on_gbps = statistics.median(speeds["off"]), statistics.median(speeds["on"])
         return {
             "gbit_per_s_off": round(off_gbps, 3),

@@ -11,8 +11,13 @@ the rounds of a workload and are stopped when the next backend is needed.
 
 ``--benchmark-disable`` (or ``L4LB_BENCH_QUICK=1``) turns the run into a quick smoke test:
 one round, tiny durations. Other knobs, all environment variables:
-``L4LB_BENCH_ROUNDS``, ``L4LB_BENCH_SECONDS`` (per iperf3/wrk run), ``L4LB_BENCH_IDLE_CONNS``
-and ``L4LB_BENCH_PEERS`` (comma-separated subset of the peer names).
+``L4LB_BENCH_ROUNDS``, ``L4LB_BENCH_SECONDS`` (per iperf3/wrk/rrgen run),
+``L4LB_BENCH_IDLE_CONNS``, ``L4LB_BENCH_PEERS`` (comma-separated subset of the peer names)
+and ``L4LB_BENCH_VM=1`` (boot the kernel VM for the IPVS comparisons).
+
+A module whose workloads only some peers can take part in (UDP, the routed namespace
+topology, the VM) names them in ``PEER_NAMES``; skipped tests and their reasons are saved
+into the JSON file (``l4lb_bench_skipped``) for the report.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import pytest
 from benchmarks._peers import PEERS, Front, start_peer
 from benchmarks._procs import PeerUnavailable, tool_version
 from benchmarks._results import Measurement, Results
+from benchmarks._rrgen import build_rrgen, echo_backend
 from benchmarks._workloads import iperf3_backend, nginx_http_backend
 
 
@@ -45,6 +51,12 @@ class Settings:
     idle_conns: int
     idle_conns_requested: int
     peers: tuple[str, ...]
+    wanted: tuple[str, ...]
+    vm: bool
+
+    def wants(self, peer: str) -> bool:
+        """True unless ``L4LB_BENCH_PEERS`` names a subset without ``peer``."""
+        return not self.wanted or peer in self.wanted
 
 
 _SETTINGS: Settings | None = None
@@ -72,8 +84,8 @@ def _settings(config: pytest.Config) -> Settings:
     # A proxy holds two descriptors per proxied connection under the same hard limit, and
     # haproxy also reserves two per splice pipe (maxpipes) before it starts.
     idle = max(1, min(requested, (nofile - 1024) // 2))
-    wanted = os.environ.get("L4LB_BENCH_PEERS")
-    peers = tuple(p for p in PEERS if not wanted or p in wanted.split(","))
+    wanted = tuple(p for p in os.environ.get("L4LB_BENCH_PEERS", "").split(",") if p)
+    peers = tuple(p for p in PEERS if not wanted or p in wanted)
     return Settings(
         quick=quick,
         rounds=_env_int("L4LB_BENCH_ROUNDS", 1 if quick else 3),
@@ -82,6 +94,8 @@ def _settings(config: pytest.Config) -> Settings:
         idle_conns=idle,
         idle_conns_requested=requested,
         peers=peers,
+        wanted=wanted,
+        vm=os.environ.get("L4LB_BENCH_VM") == "1",
     )
 
 
@@ -111,7 +125,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     rounds = getattr(metafunc.module, "BENCH_ROUNDS", None) or settings.rounds
     metafunc.parametrize("bench_round", range(rounds), ids=[f"r{i}" for i in range(rounds)])
     excluded = getattr(metafunc.module, "EXCLUDE_PEERS", ())
-    metafunc.parametrize("peer_name", [p for p in settings.peers if p not in excluded])
+    # A module measuring a topology or protocol only some peers support lists them.
+    names = getattr(metafunc.module, "PEER_NAMES", PEERS)
+    peers = [p for p in names if p not in excluded and settings.wants(p)]
+    metafunc.parametrize("peer_name", peers)
 
 
 def pytest_benchmark_update_machine_info(
@@ -139,9 +156,32 @@ def pytest_benchmark_update_machine_info(
             "nginx": tool_version(["nginx", "-v"]),
             "iperf3": tool_version(["iperf3", "--version"]),
             "wrk": tool_version(["wrk", "-v"]),
+            "iptables": tool_version(["iptables", "-V"]),
+            "gcc (builds rrgen)": tool_version(["gcc", "--version"]),
         },
+        "loadavg_at_start": list(os.getloadavg()),
         "settings": asdict(_get_settings()),
     }
+
+
+#: Skipped benchmark tests of this run: (test id, reason), for the report.
+_SKIPPED: list[tuple[str, str]] = []
+#: pytest-benchmark's own reason for the non-benchmark tests under --benchmark-only.
+_NOT_A_BENCHMARK = "Skipping non-benchmark"
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        if not reason.startswith(_NOT_A_BENCHMARK):
+            _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_benchmark_update_json(
+    config: pytest.Config, benchmarks: list[Any], output_json: dict[str, Any]
+) -> None:
+    """Record what was skipped and why, so the report can list it next to what ran."""
+    output_json["l4lb_bench_skipped"] = [{"test": t, "reason": r} for t, r in _SKIPPED]
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -165,16 +205,25 @@ def results() -> Results:
     return Results()
 
 
+#: ``start(peer, backend, workdir, protocol=...)``: how a pool starts its peers.
+Starter = Callable[..., Front]
+
+
+def _start_loopback(peer: str, backend: str, workdir: Path, *, protocol: str) -> Front:
+    return start_peer(peer, backend, workdir, protocol=protocol)
+
+
 class PeerPool:
     """Started peers keyed by (peer, backend); only one backend's peers are up at a time."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, start: Starter = _start_loopback) -> None:
         self.workdir = workdir
+        self._start = start
         self._fronts: dict[tuple[str, str], Front] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self._backend: str | None = None
 
-    def get(self, peer: str, backend: str) -> Front:
+    def get(self, peer: str, backend: str, *, protocol: str = "tcp") -> Front:
         """The running peer in front of ``backend``; skips the test if it cannot start."""
         if backend != self._backend:
             self.close()
@@ -185,7 +234,7 @@ class PeerPool:
         if key not in self._fronts:
             try:
                 workdir = self.workdir / f"{peer}-{len(self._fronts) + len(self._failed)}"
-                self._fronts[key] = start_peer(peer, backend, workdir)
+                self._fronts[key] = self._start(peer, backend, workdir, protocol=protocol)
             except PeerUnavailable as exc:
                 self._failed[key] = str(exc)
                 pytest.skip(str(exc))
@@ -224,6 +273,29 @@ def nginx_backend(bench_dir: Path) -> Iterator[str]:
             yield address
     except PeerUnavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def rrgen(bench_dir: Path) -> Path:
+    """The request/response load generator, compiled for this run (skips without gcc)."""
+    try:
+        return build_rrgen(bench_dir / "rrgen")
+    except PeerUnavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="module")
+def tcp_echo(rrgen: Path, bench_dir: Path) -> Iterator[str]:
+    """``rrgen echo tcp`` on loopback."""
+    with echo_backend(rrgen, bench_dir / "echo-tcp", "tcp") as address:
+        yield address
+
+
+@pytest.fixture(scope="module")
+def udp_echo(rrgen: Path, bench_dir: Path) -> Iterator[str]:
+    """``rrgen echo udp`` on loopback."""
+    with echo_backend(rrgen, bench_dir / "echo-udp", "udp") as address:
+        yield address
 
 
 Measure = Callable[[str, Callable[[], Measurement]], Measurement]

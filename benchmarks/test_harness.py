@@ -6,7 +6,9 @@ These run in the ``--benchmark-disable`` smoke pass (``--benchmark-only`` skips 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from benchmarks import report
 from benchmarks._peers import Front, start_peer
 from benchmarks._procs import free_port, is_listening
 from benchmarks._results import Measurement, Metric, Results
+from benchmarks._rrgen import build_rrgen, echo_backend, run_rrgen
 from benchmarks._workloads import parse_iperf3, parse_wrk
 from l4lb._testbase import (
     EchoServer,
@@ -117,8 +120,11 @@ def test_report_renders_tables_and_charts(tmp_path: Path) -> None:
     assert "| idle | rss_per_conn | lower | n/a | 0.03 |" in text
     assert "CPU:" in text and "haproxy:" in text
     charts = sorted(p.name for p in (tmp_path / "report-charts").iterdir())
-    assert charts == ["http-rate.png", "idle-rss-per-conn.png"]
-    assert (tmp_path / "report-charts" / "http-rate.png").read_bytes()[:4] == b"\x89PNG"
+    assert charts == ["http.png", "idle.png"]
+    assert (tmp_path / "report-charts" / "http.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| http | direct (1), nginx (1) |" not in text  # l4lb is listed first
+    assert "| http | l4lb (1), direct (1), nginx (1) |" in text
+    assert "Nothing was skipped." in text
 
 
 def test_report_command_line(tmp_path: Path) -> None:
@@ -135,6 +141,109 @@ def test_is_listening_and_free_port() -> None:
         sock.bind(("127.0.0.1", port))
         sock.listen()
         assert is_listening(port)
+        assert not is_listening(port, udp=True)
+
+
+def test_is_listening_udp_in_a_process_namespace() -> None:
+    port = free_port(udp=True)
+    assert not is_listening(port, udp=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", port))
+        assert is_listening(port, udp=True)
+        assert is_listening(port, pid=os.getpid(), udp=True)
+
+
+def _two_rounds(l4lb: tuple[float, float], peer: tuple[float, float]) -> list[dict[str, object]]:
+    results = Results()
+    out: list[dict[str, object]] = []
+    for round_ in range(2):
+        for name, values in (("l4lb", l4lb), ("haproxy", peer)):
+            info: dict[str, object] = {}
+            results.record(
+                info, workload="w", peer=name, round_=round_, measurement=_measure(values[round_])
+            )
+            out.append({"name": f"t[r{round_}-{name}]", "extra_info": info})
+    return out
+
+
+def test_report_flags_ratios_whose_rounds_disagree(tmp_path: Path) -> None:
+    steady = report.render({"benchmarks": _two_rounds((100, 104), (100, 100))}, tmp_path / "a.md")
+    assert "| w | rate | higher | 1.02 | - |" in steady.read_text()
+    # round ratios 1.0 and 1.3: 30% apart
+    shaky = report.render({"benchmarks": _two_rounds((100, 130), (100, 100))}, tmp_path / "b.md")
+    assert "| w | rate | higher | 1.15 | haproxy ±30% |" in shaky.read_text()
+
+
+def test_report_compares_two_runs_and_lists_skips(tmp_path: Path) -> None:
+    data = {
+        "benchmarks": _two_rounds((150, 150), (100, 100)),
+        "l4lb_bench_skipped": [
+            {"test": "benchmarks/bench_ipvs.py::test_vm_peer", "reason": "ipvs not run: x"}
+        ],
+    }
+    other = {"benchmarks": _two_rounds((100, 100), (100, 100))}
+    text = report.render(
+        data, tmp_path / "R.md", compare=other, compare_source="o.json"
+    ).read_text()
+    assert "| w | rate | higher | 1.50 | - | haproxy +50% |" in text
+    assert "| ipvs not run: x | `test_vm_peer` |" in text
+    assert "compared with `o.json`" in text
+
+
+def test_report_shows_load_generator_overhead(tmp_path: Path) -> None:
+    results = Results()
+    entries = []
+    for peer in ("direct", "l4lb"):
+        info: dict[str, object] = {}
+        m = Measurement([Metric("rate", 1.0, "1/s", True)], {"gen_cpu_ns_per_req": 2500.0})
+        results.record(info, workload="udp-rr", peer=peer, round_=0, measurement=m)
+        entries.append({"extra_info": info})
+    text = report.render({"benchmarks": entries}, tmp_path / "R.md").read_text()
+    assert "| udp-rr | direct | 2.50 |" in text
+
+
+# --------------------------------------------------------------------------- rrgen
+
+
+@pytest.fixture(scope="module")
+def rrgen_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_rrgen(tmp_path_factory.mktemp("rrgen"))
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "udp"])
+def test_rrgen_closed_and_open_loop(rrgen_exe: Path, tmp_path: Path, protocol: str) -> None:
+    with echo_backend(rrgen_exe, tmp_path, protocol) as address:
+        rr = run_rrgen(rrgen_exe, "rr", protocol, address, flows=2, load=2, seconds=0.2)
+        assert rr["responses"] > 0 and rr.rate > 0
+        assert rr["lost"] == 0
+        opened = run_rrgen(rrgen_exe, "open", protocol, address, flows=2, load=2000, seconds=0.3)
+    assert opened["sent"] == 600  # 2000/s for 0.3 s after warm-up
+    assert opened["responses"] == opened["sent"]
+    assert 0 < opened["p50_us"] <= opened["p99_us"] <= opened["p99_9_us"] <= opened["max_us"]
+
+
+def test_rrgen_counts_unanswered_requests_as_lost(rrgen_exe: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # receives, never answers
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        opened = run_rrgen(rrgen_exe, "open", "udp", address, flows=1, load=1000, seconds=0.2)
+    assert opened["responses"] == 0
+    assert opened["lost"] == opened["sent"] == 200
+    assert opened["p50_us"] >= 400_000  # waited for until the 0.5 s drain ended
+
+
+def test_rrgen_rejects_bad_arguments(rrgen_exe: Path) -> None:
+    bad = subprocess.run(
+        [str(rrgen_exe), "rr", "udp", "127.0.0.1", "9", "0", "1", "1", "64"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    assert bad.returncode == 2
+    assert "FLOWS must be an integer" in bad.stderr
+    with pytest.raises(RuntimeError, match="HOST must be an IPv4 address"):
+        run_rrgen(rrgen_exe, "rr", "udp", "localhost:9", flows=1, load=1, seconds=0.1)
 
 
 # --------------------------------------------------------------------------- reference proxy
@@ -182,8 +291,6 @@ def test_asyncio_proxy_forwards_a_backend_greeting(asyncio_front: Callable[[str]
 
 
 def test_report_runs_as_a_script(tmp_path: Path) -> None:
-    import subprocess
-
     src = tmp_path / "r.json"
     src.write_text(json.dumps({"benchmarks": []}))
     script = Path(report.__file__)

@@ -4,7 +4,8 @@ Lifecycle:
 1. Load and validate the config (a bad one never starts anything).
 2. Raise the open-file limit, start the data plane's worker threads and program every
    service; a service that cannot be programmed (its address is taken, say) is logged and
-   the others still run.
+   the others still run. ``mode = "offload"`` services go to kernel IPVS through
+   :mod:`l4lb.offload` instead, and their rules stay when l4lb stops.
 3. Serve the admin API, then write the ready file.
 4. SIGHUP re-reads the file and applies only the difference; a bad file is logged and the
    running config stays. SIGTERM/SIGINT stop accepting, wait for open connections up to the
@@ -27,7 +28,7 @@ import os
 import resource
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ from l4lb.admin import AdminServer
 from l4lb.config import Address, Config, ConfigError, load_config
 from l4lb.dataplane import Dataplane
 from l4lb.health import HealthMonitor, Transition
-from l4lb.state import Override, ServiceSpec, desired_state, plan
+from l4lb.offload import Offload
+from l4lb.permissions import admin_token, check_config_file
+from l4lb.state import Override, ServiceSpec, desired_specs, desired_state, plan
+from l4lb.vips import VipRules
 
 log = logging.getLogger("l4lb")
 
@@ -92,6 +96,9 @@ class App:
         self.overrides: dict[tuple[str, str], Override] = {}
         self.failed: dict[str, str] = {}
         self.health = HealthMonitor(self._health_changed, self._consecutive_failures)
+        self.vips = VipRules()
+        # mode = "offload" services: kernel IPVS, never the data plane.
+        self.offload = Offload(self._offload_done)
         self._pending_resets: set[tuple[str, str]] = set()
         self._program_handle: asyncio.TimerHandle | None = None
         self.started = time.monotonic()
@@ -108,6 +115,7 @@ class App:
         self._stop = asyncio.Event()
         try:
             cfg = self._load()
+            token = admin_token(cfg.admin)
         except ConfigError as e:
             log.error("%s", e)
             return 2
@@ -126,9 +134,15 @@ class App:
         self.dataplane.start()
         try:
             self.health.update(cfg)
+            self.offload.start()
             self._program_now()
+            await self.offload.settle()
+            await self.vips.settle()  # the ready file means the VIPs answer too
+            self.vips.start()
             self.health.start()
-            self.admin = AdminServer(self, cfg.admin.listen.host, cfg.admin.listen.port)
+            self.admin = AdminServer(
+                self, cfg.admin.listen.host, cfg.admin.listen.port, token=token
+            )
             await self.admin.start()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._loop.add_signal_handler(sig, self._stop.set)
@@ -157,6 +171,8 @@ class App:
             self._program_handle.cancel()
             self._program_handle = None
         await self.health.close()
+        await self.vips.close()
+        await self.offload.close()  # IPVS rules stay: offloaded connections outlive us
         dp = self.dataplane
         if dp is not None:
             dp.drain()
@@ -194,6 +210,10 @@ class App:
             "pid": os.getpid(),
             "admin": f"[{host}]:{self.admin.port}" if ":" in host else f"{host}:{self.admin.port}",
             "services": {n: str(self.dataplane.listen_address(n)) for n in self.applied},
+            "listeners": {
+                n: [str(a) for a in self.dataplane.listen_addresses(n)] for n in self.applied
+            },
+            "vips": {n: [str(v) for v in s.vips] for n, s in self.applied.items() if s.vips},
         }
         tmp = f"{self.ready_file}.tmp"
         Path(tmp).write_bytes(orjson.dumps(doc))
@@ -204,12 +224,44 @@ class App:
     def _program(self, desired: dict[str, ServiceSpec]) -> None:
         """Move the data plane from what it has to ``desired``."""
         assert self.dataplane is not None
+        desired = self.offload.take(desired)
+        desired, held = self.vips.admit(desired)
         errors = self.dataplane.apply(plan(self.applied, desired))
         # A service that failed is left out of what counts as applied, so the next
         # reload tries it again from scratch.
         programmed = set(self.dataplane.service_names())
         self.applied = {n: s for n, s in desired.items() if n in programmed and n not in errors}
-        self.failed = errors
+        self.failed = {**held, **errors, **self.offload.failed}
+        self.vips.update(self.applied, self.dataplane.listen_addresses)
+
+    def _program_some(self, names: set[str]) -> None:
+        """Program the services called ``names`` as ``self.config`` has them (removing
+        those it lacks); every other service stays exactly as it is."""
+        assert self.dataplane is not None and self.config is not None
+        specs = desired_specs(self.config, names, self.overrides, self.health.states())
+        offloaded = {n: s for n, s in specs.items() if s.mode == "offload"}
+        if offloaded or any(n in self.offload.desired for n in names):
+            kept = {n: s for n, s in self.offload.desired.items() if n not in names}
+            self.offload.take({**kept, **offloaded})
+        splice = {n: s for n, s in specs.items() if s.mode != "offload"}
+        splice, held = self.vips.admit(splice, names)
+        old = {n: self.applied[n] for n in names if n in self.applied}
+        errors = self.dataplane.apply(plan(old, splice))
+        for name in names:
+            spec = splice.get(name)
+            if spec is not None and name not in errors and self.dataplane.has_service(name):
+                self.applied[name] = spec
+            else:
+                self.applied.pop(name, None)
+        failed = {n: e for n, e in self.failed.items() if n not in names}
+        self.failed = {**failed, **held, **errors, **self.offload.failed}
+        self.vips.update(self.applied, self.dataplane.listen_addresses, names)
+
+    def _offload_done(self) -> None:
+        """An offload pass ended: its errors replace the offload services' old ones."""
+        desired = self.offload.desired
+        kept = {n: e for n, e in self.failed.items() if n not in desired}
+        self.failed = {**kept, **self.offload.failed}
 
     def _program_now(self) -> None:
         """Program config, overrides and health as they are now; schedule slow start."""
@@ -276,7 +328,10 @@ class App:
             return None
 
     def _load(self) -> Config:
-        return self._loader() if self._loader is not None else load_config(self.config_path)
+        if self._loader is not None:
+            return self._loader()
+        check_config_file(self.config_path)
+        return load_config(self.config_path)
 
     def reload(self) -> None:
         """SIGHUP: re-read the config and apply the difference."""
@@ -287,16 +342,33 @@ class App:
             return
         self.apply_config(cfg)
 
-    def apply_config(self, cfg: Config) -> None:
-        """Make ``cfg`` the running config: program only the difference."""
+    def apply_config(self, cfg: Config, changed: Collection[str] | None = None) -> None:
+        """Make ``cfg`` the running config: program only the difference.
+
+        ``changed`` names the only services that may differ from the running config
+        (added, changed or gone): only they are recomputed and programmed, and only their
+        runtime overrides are dropped, so one change among thousands of services costs
+        one service. Without it (``l4lb run``, SIGHUP) every service is compared.
+        """
         assert self.config is not None
         if cfg.dataplane != self.config.dataplane:
             log.warning("reload: [dataplane] changes take effect only after a restart")
         if cfg.admin != self.config.admin:
             log.warning("reload: [admin] changes take effect only after a restart")
         self.config = cfg
+        if changed is not None:
+            names = set(changed)
+            for key in [k for k in self.overrides if k[0] in names]:
+                del self.overrides[key]
+            self.health.update(cfg, names)
+            self._program_some(names)
+            self._reset_downed()
+            self._write_ready_file()
+            log.debug("applied %d changed service(s) of %s", len(names), self.config_path)
+            return
         self.overrides.clear()
         self.health.update(cfg)
+        self.vips.recheck()
         self._program_now()
         self._write_ready_file()
         log.info("reloaded %s: %d service(s)", self.config_path, len(self.applied))
@@ -353,12 +425,18 @@ class App:
                 "connections_active": stats.connections if stats else 0,
                 "fd_limit": self.fd_limit,
             },
-            "services": [self._service_doc(name) for name in self.applied],
+            "services": [
+                *(self._service_doc(name) for name in self.applied),
+                *(self._service_doc(name) for name in self.offload.applied),
+            ],
             "failed": dict(self.failed),
         }
 
     def _service_doc(self, name: str) -> dict[str, Any]:
         assert self.dataplane is not None and self.config is not None
+        if name in self.offload.desired or name in self.offload.applied:
+            cfg_svc = self.config.service(name)
+            return self.offload.service_doc(name, cfg_svc, self.overrides, self.health)
         dp = self.dataplane
         spec = self.applied[name]
         cfg_weights = {str(b.address): b.weight for b in self.config.service(name).backends}
@@ -392,7 +470,10 @@ class App:
         sst = dp.service_stats(name)
         return {
             "name": name,
+            "mode": "splice",
             "listen": str(dp.listen_address(name)),
+            "listeners": [str(a) for a in dp.listen_addresses(name)],
+            "vips": [str(v) for v in spec.vips],
             "protocol": spec.protocol,
             "scheduler": spec.scheduler,
             "affinity_timeout": spec.persist_timeout,
@@ -402,6 +483,7 @@ class App:
             "bytes_out": total_out,
             "rejected": sst.rejected,
             "failed": sst.failed,
-            "limit_rejected": 0,
+            "limit_rejected": sst.limit_rejected,
+            "vip_connections": dp.vip_connections(name),
             "backends": backends,
         }

@@ -25,6 +25,15 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
 
+    kube = sub.add_parser("kube-proxy", help="serve Kubernetes Services (kube-proxy's flags)")
+    from l4lb.k8s.options import add_arguments
+
+    add_arguments(kube)
+
+    sub.add_parser(
+        "cleanup", help="remove every iptables rule and IPVS service l4lb installs, and exit"
+    )
+
     status = sub.add_parser("status", help="show services, backends and counters")
     status.add_argument("--admin", default="127.0.0.1:9901", help="admin API address")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
@@ -47,14 +56,34 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         from l4lb.config import ConfigError, load_config
+        from l4lb.permissions import admin_token, check_config_file
 
         try:
+            # The same file checks as `l4lb run`, so a config that passes here also starts.
+            check_config_file(args.file)
             cfg = load_config(args.file)
+            admin_token(cfg.admin)
         except ConfigError as e:
             print(f"l4lb: {e}", file=sys.stderr)
             return 1
         print(f"{args.file}: ok ({len(cfg.services)} service(s))")
         return 0
+    if args.command == "kube-proxy":
+        from l4lb.k8s.options import OptionsError, options_from_args
+
+        try:
+            opts = options_from_args(args)
+        except OptionsError as e:
+            print(f"l4lb kube-proxy: {e}", file=sys.stderr)
+            return 2
+        _setup_logging(args.log_level)
+        from l4lb.k8s.proxy import main as kube_proxy_main
+
+        return kube_proxy_main(opts)
+    if args.command == "cleanup":
+        from l4lb.cleanup import main as cleanup_main
+
+        return cleanup_main()
     if args.command == "status":
         from l4lb import status
 

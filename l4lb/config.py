@@ -19,6 +19,7 @@ Whatever the input, :func:`parse_config` and :func:`load_config` raise only
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import math
@@ -262,13 +263,21 @@ class Config:
     admin: AdminConfig
     dataplane: DataplaneConfig
     services: tuple[ServiceConfig, ...]
+    # Lookups by name are O(1): kube-proxy looks up single services among thousands.
+    _by_name: dict[str, ServiceConfig] = dataclasses.field(
+        init=False, repr=False, compare=False, hash=False, default_factory=dict
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {svc.name: svc for svc in self.services})
 
     def service(self, name: str) -> ServiceConfig:
         """Return the service called ``name``; raise KeyError if there is none."""
-        for svc in self.services:
-            if svc.name == name:
-                return svc
-        raise KeyError(name)
+        return self._by_name[name]
+
+    def get(self, name: str) -> ServiceConfig | None:
+        """Return the service called ``name``, or None if there is none."""
+        return self._by_name.get(name)
 
 
 # --------------------------------------------------------------------------- loading

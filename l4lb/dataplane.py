@@ -14,6 +14,7 @@ whose protocol or listen address changed is a new virtual service and starts afr
 from __future__ import annotations
 
 import logging
+import random
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -55,6 +56,7 @@ class ServiceStats:
     rejected: int
     failed: int
     templates: int
+    limit_rejected: int  # refused because the service was at max_connections
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +78,70 @@ class _Service:
     slots: dict[str, int] = field(default_factory=dict)  # str(address) -> slot id
 
 
+class _FreePorts:
+    """Free ports for port-0 listeners, from the kernel's ephemeral range.
+
+    ``bind()`` to port 0 makes the kernel scan the range past every port already taken:
+    with thousands of listeners that scan is most of what programming them costs (O(n²)
+    in all). A cursor that moves on from the last port it gave usually finds a free port
+    at once. A port counts as free when a socket without any reuse option can bind it, so
+    a listener never joins another's SO_REUSEPORT group.
+    """
+
+    def __init__(self) -> None:
+        self._range: tuple[int, int] | None = None
+        self._next = 0
+
+    def _ephemeral(self) -> tuple[int, int]:
+        if self._range is None:
+            try:
+                with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+                    low, high = (int(x) for x in f.read().split())
+            except (OSError, ValueError):
+                low, high = 32768, 60999
+            self._range = (low, high)
+            self._next = random.randint(low, high)  # as unpredictable as the kernel's
+        return self._range
+
+    def find(self, addr: Address, kind: int, tries: int = 64) -> int:
+        """A port nothing is bound to on ``addr``'s host, or 0 (let the kernel pick)."""
+        low, high = self._ephemeral()
+        for _ in range(tries):
+            port = self._next
+            self._next = low if port >= high else port + 1
+            with socket.socket(addr.family, kind) as probe:
+                if addr.family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    probe.bind((addr.host, port))
+                except OSError:
+                    continue
+            return port
+        return 0
+
+
+_free_ports = _FreePorts()
+
+
 def _bind_listeners(addr: Address, count: int, protocol: str = "tcp") -> list[socket.socket]:
-    """``count`` SO_REUSEPORT sockets on one address (port 0: the first one's port).
+    """``count`` SO_REUSEPORT sockets on one address (port 0: a free port, see
+    :class:`_FreePorts`, else the kernel's choice).
 
     For UDP, SO_REUSEPORT hashes each client address to one socket, hence one worker,
     so a flow's datagrams all reach the worker that owns the flow."""
-    socks: list[socket.socket] = []
-    port = addr.port
     kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+    if addr.port == 0:
+        port = _free_ports.find(addr, kind)
+        if port:
+            try:
+                return _bind_group(addr, count, kind, port)
+            except OSError:
+                pass  # taken since it was probed: the kernel picks instead
+    return _bind_group(addr, count, kind, addr.port)
+
+
+def _bind_group(addr: Address, count: int, kind: int, port: int) -> list[socket.socket]:
+    socks: list[socket.socket] = []
     try:
         for _ in range(count):
             s = socket.socket(addr.family, kind)
@@ -281,6 +339,11 @@ class Dataplane:
             connect_timeout=spec.connect_timeout,
             idle_timeout=spec.idle_timeout,
             retries=spec.retries,
+            send_proxy=spec.send_proxy,
+            max_connections=spec.max_connections,
+        )
+        self._dp.service_vips(
+            sid, [(v.family, socket.inet_pton(v.family, v.host), v.port) for v in spec.vips]
         )
 
     def _hand_over(self, sid: int, socks: list[socket.socket]) -> None:
@@ -335,7 +398,7 @@ class Dataplane:
                 del self._retired_slots[key]
         # Slot ids themselves are cheap; they are not recycled.
         for sid in list(self._retired_services):
-            _, active, _, _, templates = self._dp.service_stats(sid)
+            _, active, _, _, templates, _ = self._dp.service_stats(sid)
             if active == 0 and templates == 0:
                 self._retired_services.remove(sid)
                 self._free_services.append(sid)
@@ -364,6 +427,17 @@ class Dataplane:
         """Counters of one service."""
         return ServiceStats(*self._dp.service_stats(self._services[name].id))
 
+    def vip_connections(self, name: str) -> dict[str, int]:
+        """Connections per VIP of one service, ``{str(vip): total}``, plus ``"other"``:
+        those that dialled an address not among its VIPs. Empty when it has no VIPs."""
+        svc = self._services[name]
+        if not svc.spec.vips:
+            return {}
+        totals, other = self._dp.vip_stats(svc.id)
+        out = {str(v): n for v, n in zip(svc.spec.vips, totals, strict=False)}
+        out["other"] = other
+        return out
+
     def slot_stats(self, name: str, address: str) -> SlotStats:
         """Counters of one backend of one service."""
         return SlotStats(*self._dp.slot_stats(self._services[name].slots[address]))
@@ -386,3 +460,7 @@ class Dataplane:
     def service_names(self) -> list[str]:
         """Names of the programmed services."""
         return list(self._services)
+
+    def has_service(self, name: str) -> bool:
+        """Whether a service called ``name`` is programmed."""
+        return name in self._services

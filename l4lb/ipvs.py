@@ -1,15 +1,19 @@
 """IPVS offload: the kernel sink behind the same desired state as the splice data plane.
 
-Each :class:`~l4lb.state.ServiceSpec` becomes an IPVS virtual service (VIP = its listen
-address) with masquerading real servers, programmed over generic netlink with pyroute2.
+Each :class:`~l4lb.state.ServiceSpec` becomes one IPVS virtual service per VIP (its
+``vips``, or its listen address when it has none), each with the masquerading real
+servers of the VIP's address family, programmed over generic netlink with pyroute2.
 The VIPs live on a dummy interface l4lb owns (``l4lb-ipvs0``), and one iptables chain
 (``L4LB-IPVS-MASQ``, hooked from nat POSTROUTING) masquerades the forwarded traffic so
 backends answer through the balancer whatever their routes.
 
-Reconciliation is level-triggered: every :meth:`IpvsSink.apply` dumps what the kernel
+Reconciliation is level-triggered: a full :meth:`IpvsSink.apply` dumps what the kernel
 holds, decodes it into plain dataclasses, diffs it against the specs with
 :func:`diff` (pure, no I/O) and issues only the difference. So a no-op apply sends
 nothing, a restart does not disturb traffic, and a service deleted by hand comes back.
+An apply with ``trust_cache`` diffs only the services whose spec changed against the
+state the previous apply left (kept by replaying each command on a copy, as the kernel
+would), so one endpoint change costs the same with ten services or ten thousand.
 
 Rules:
 
@@ -41,9 +45,11 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Protocol
 
+from l4lb import netlink
+from l4lb.config import Address
 from l4lb.state import FLAG_PERSISTENT, ServiceSpec
 
 __all__ = [
@@ -59,9 +65,11 @@ __all__ = [
     "RealServer",
     "VsKey",
     "VsSettings",
+    "cleanup_kernel",
     "decode_dest",
     "decode_service",
     "desired_service",
+    "desired_services",
     "dest_fields",
     "diff",
     "error_message",
@@ -186,9 +194,30 @@ class Command:
 # ------------------------------------------------------------------ spec <-> netlink
 
 
-def desired_service(spec: ServiceSpec) -> Desired:
-    """Translate ``spec``; raise :class:`IpvsConfigError` for what IPVS cannot express."""
-    listen = spec.listen if spec.listen is not None else spec.vips[0]
+def desired_services(spec: ServiceSpec) -> tuple[Desired, ...]:
+    """One virtual service per VIP of ``spec`` (its ``listen`` when it has no ``vips``).
+
+    Each VIP gets the backends of its own address family; raise
+    :class:`IpvsConfigError` for what IPVS cannot express.
+    """
+    vips = spec.vips or ((spec.listen,) if spec.listen is not None else ())
+    if not vips:
+        raise IpvsConfigError(f"service {spec.name}: offload needs a VIP (vips or listen)")
+    families = {v.family for v in vips}
+    for d in spec.dests:
+        if d.address.family not in families:
+            raise IpvsConfigError(
+                f"service {spec.name}: backend {d.address} is of another address family than"
+                " every VIP (IPVS masquerading cannot translate between IPv4 and IPv6)"
+            )
+    return tuple(desired_service(spec, vip) for vip in vips)
+
+
+def desired_service(spec: ServiceSpec, vip: Address | None = None) -> Desired:
+    """The virtual service of ``spec`` at ``vip`` (default: its listen address or first VIP),
+    with the backends of the VIP's family; raise :class:`IpvsConfigError` for what IPVS
+    cannot express."""
+    listen = vip or (spec.listen if spec.listen is not None else spec.vips[0])
     ip = ipaddress.ip_address(listen.host)
     if ip.is_unspecified:
         raise IpvsConfigError(
@@ -211,6 +240,13 @@ def desired_service(spec: ServiceSpec) -> Desired:
             )
     else:
         timeout, netmask = 0, 128 if v6 else 32
+    if vip is None:
+        for d in spec.dests:
+            if d.address.family != listen.family:
+                raise IpvsConfigError(
+                    f"service {spec.name}: backend {d.address} is not of the VIP's address"
+                    " family (IPVS masquerading cannot translate between IPv4 and IPv6)"
+                )
     dests = tuple(
         RealServer(
             addr=d.address.host,
@@ -220,13 +256,8 @@ def desired_service(spec: ServiceSpec) -> Desired:
             l_thresh=d.lower_threshold,
         )
         for d in spec.dests
+        if d.address.family == listen.family
     )
-    for d in spec.dests:
-        if d.address.family != listen.family:
-            raise IpvsConfigError(
-                f"service {spec.name}: backend {d.address} is not of the VIP's address family"
-                " (IPVS masquerading cannot translate between IPv4 and IPv6)"
-            )
     return Desired(
         name=spec.name,
         key=VsKey(listen.family, _PROTOCOLS[spec.protocol], str(ip), listen.port),
@@ -470,12 +501,14 @@ class Kernel(Protocol):
     """What the sink needs from the kernel; the real one lives on the netlink thread."""
 
     def dump(self) -> list[KernelService]: ...
+    def dump_dests(self, key: VsKey) -> tuple[KernelDest, ...] | None: ...
     def execute(self, cmd: Command) -> None: ...
+    def execute_many(self, cmds: Sequence[Command]) -> list[int]: ...
     def link_addrs(self) -> set[str]: ...
     def sync_addrs(self, addrs: set[str]) -> None: ...
-    def remove_link(self) -> None: ...
+    def remove_link(self) -> bool: ...
     def sync_masq(self, vips: set[str]) -> None: ...
-    def remove_masq(self) -> None: ...
+    def remove_masq(self) -> list[str]: ...
     def sysctl(self, name: str, value: int) -> None: ...
     def close(self) -> None: ...
 
@@ -501,8 +534,15 @@ class _NetlinkKernel:
                 f"the generic netlink family IPVS is missing ({e}): load ip_vs"
             ) from e
         self._ipr = pyroute2.IPRoute(use_event_loop=self._loops[1])
+        # Bulk work goes over raw sockets in batches (l4lb.netlink); pyroute2 names the
+        # family and manages the link.
+        self._family = int(self._ipvs.prid)
+        self._gen = netlink.NetlinkSocket(netlink.NETLINK_GENERIC)
+        self._rt = netlink.NetlinkSocket(netlink.NETLINK_ROUTE)
 
     def close(self) -> None:
+        self._gen.close()
+        self._rt.close()
         self._ipvs.close()
         self._ipr.close()
         self._close_loops()
@@ -516,34 +556,75 @@ class _NetlinkKernel:
         return self._pr.IPVSService(**service_fields(key, settings))
 
     def dump(self) -> list[KernelService]:
-        out = []
-        for m in self._ipvs.service("dump"):
-            raw = m.get_attr("IPVS_CMD_ATTR_SERVICE")
-            if raw.get_attr("IPVS_SVC_ATTR_FWMARK"):
+        seq = self._gen.next_seq()
+        request = netlink.genl_message(
+            self._family,
+            netlink.CMD["get_service"],
+            b"",
+            flags=netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+            seq=seq,
+        )
+        heads = []
+        for payload in self._gen.dump(request, seq):
+            top = netlink.parse_attrs(payload, 4)
+            attrs = netlink.parse_attrs(top.get(netlink.CMD_ATTR_SERVICE, b""))
+            if netlink.u32(attrs.get(netlink.SVC_FWMARK, b"")):
                 continue  # fwmark services are never ours
-            head = decode_service(raw)
-            dests = [
-                d.get_attr("IPVS_CMD_ATTR_DEST")
-                for d in self._ipvs.dest("dump", service=self._svc(head.key))
-            ]
-            out.append(decode_service(raw, dests))
+            heads.append(_raw_service(attrs))
+        out = []
+        for head in heads:
+            dests = self.dump_dests(head.key)
+            if dests is not None:  # None: deleted meanwhile
+                out.append(KernelService(head.key, head.settings, dests))
         return out
 
-    def execute(self, cmd: Command) -> None:
+    def dump_dests(self, key: VsKey) -> tuple[KernelDest, ...] | None:
+        seq = self._gen.next_seq()
+        request = netlink.genl_message(
+            self._family,
+            netlink.CMD["get_dest"],
+            netlink.service_attrs(key.af, key.protocol, key.addr, key.port),
+            flags=netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP,
+            seq=seq,
+        )
         try:
-            self._execute(cmd)
-        except self._pr.NetlinkError as e:
-            raise NetlinkError(e.code, os.strerror(e.code)) from e
+            found = []
+            for payload in self._gen.dump(request, seq):
+                top = netlink.parse_attrs(payload, 4)
+                found.append(_raw_dest(key.af, netlink.parse_attrs(top[netlink.CMD_ATTR_DEST])))
+        except OSError as e:
+            if e.errno in (errno.ESRCH, errno.ENOENT):
+                return None
+            raise NetlinkError(e.errno or 0, os.strerror(e.errno or 0)) from e
+        return tuple(found)
 
-    def _execute(self, cmd: Command) -> None:
-        verb, noun = cmd.verb.split("_")
-        nl_verb = {"add": "add", "set": "set", "del": "del"}[verb]
-        if noun == "service":
-            self._ipvs.service(nl_verb, service=self._svc(cmd.key, cmd.settings))
-            return
-        assert cmd.dest is not None
-        dest = self._pr.IPVSDest(**dest_fields(cmd.dest, key_only=verb == "del"))
-        self._ipvs.dest(nl_verb, service=self._svc(cmd.key), dest=dest)
+    def execute(self, cmd: Command) -> None:
+        (code,) = self.execute_many([cmd])
+        if code:
+            raise NetlinkError(code, os.strerror(code))
+
+    def execute_many(self, cmds: Sequence[Command]) -> list[int]:
+        return self._gen.request_many(cmds, self._encode)
+
+    def _encode(self, cmd: Command, seq: int) -> bytes:
+        key = cmd.key
+        settings = None
+        if cmd.settings is not None:
+            st = cmd.settings
+            wire = socket.inet_aton(netmask_to_wire(key.af, st.netmask))
+            settings = (st.sched, st.flags, st.timeout, wire)
+        attrs = netlink.service_attrs(key.af, key.protocol, key.addr, key.port, settings)
+        if cmd.dest is not None:
+            d = cmd.dest
+            full = None if cmd.verb == "del_dest" else (d.fwd, d.weight, d.u_thresh, d.l_thresh)
+            attrs += netlink.dest_attrs(key.af, d.addr, d.port, full)
+        return netlink.genl_message(
+            self._family,
+            netlink.CMD[cmd.verb],
+            attrs,
+            flags=netlink.NLM_F_REQUEST | netlink.NLM_F_ACK,
+            seq=seq,
+        )
 
     def _link_index(self, create: bool) -> int | None:
         found = self._ipr.link_lookup(ifname=LINK)
@@ -560,11 +641,20 @@ class _NetlinkKernel:
         idx = self._link_index(create=False)
         if idx is None:
             return set()
+        seq = self._rt.next_seq()
+        # RTM_GETADDR dump with an empty ifaddrmsg; the kernel does not filter by index.
+        request = struct.pack("=IHHII", 24, 22, netlink.NLM_F_REQUEST | netlink.NLM_F_DUMP, seq, 0)
+        request += bytes(8)
         found = set()
-        for a in self._ipr.addr("dump"):
-            if a["index"] != idx:
-                continue  # the dump is not filtered by the kernel
-            ip = ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
+        for payload in self._rt.dump(request, seq):
+            family, _plen, _flags, _scope, index = struct.unpack_from("=BBBBI", payload)
+            if index != idx:
+                continue
+            attrs = netlink.parse_attrs(payload, 8)
+            raw = attrs.get(netlink.IFA_LOCAL) or attrs.get(netlink.IFA_ADDRESS)
+            if raw is None:
+                continue
+            ip = ipaddress.ip_address(socket.inet_ntop(family, raw))
             if not ip.is_link_local:  # the kernel's own fe80:: on an up link
                 found.add(str(ip))
         return found
@@ -580,19 +670,24 @@ class _NetlinkKernel:
         if have == addrs:
             return
         idx = self._link_index(create=True)
-        for a in sorted(addrs - have):
-            v6 = ipaddress.ip_address(a).version == 6
-            # IFA_F_NODAD (0x2): a VIP must be usable at once, not after DAD.
-            extra = {"flags": 0x2} if v6 else {}
-            self._ipr.addr("add", index=idx, address=a, prefixlen=128 if v6 else 32, **extra)
-        for a in sorted(have - addrs):
-            v6 = ipaddress.ip_address(a).version == 6
-            self._ipr.addr("del", index=idx, address=a, prefixlen=128 if v6 else 32)
+        assert idx is not None
+        for add, todo, fine in (
+            (True, sorted(addrs - have), errno.EEXIST),
+            (False, sorted(have - addrs), errno.EADDRNOTAVAIL),
+        ):
+            codes = self._rt.request_many(
+                todo, lambda a, seq, add=add: netlink.addr_message(add, idx, a, seq=seq)
+            )
+            for a, code in zip(todo, codes, strict=True):
+                if code and code != fine:
+                    raise NetlinkError(code, f"{LINK}: {a}: {os.strerror(code)}")
 
-    def remove_link(self) -> None:
+    def remove_link(self) -> bool:
         idx = self._link_index(create=False)
-        if idx is not None:
-            self._ipr.link("del", index=idx)
+        if idx is None:
+            return False
+        self._ipr.link("del", index=idx)
+        return True
 
     def sync_masq(self, vips: set[str]) -> None:
         for tool, v6 in (("iptables", False), ("ip6tables", True)):
@@ -606,12 +701,16 @@ class _NetlinkKernel:
             if hooked is None:
                 _run([tool, "-w", "-t", "nat", "-A", "POSTROUTING", "-j", CHAIN])
 
-    def remove_masq(self) -> None:
+    def remove_masq(self) -> list[str]:
+        removed = []
         for tool in ("iptables", "ip6tables"):
-            while _run([tool, "-w", "-t", "nat", "-D", "POSTROUTING", "-j", CHAIN], check=False):
-                pass
+            unhook = [tool, "-w", "-t", "nat", "-D", "POSTROUTING", "-j", CHAIN]
+            while _run(unhook, check=False) is not None:  # "" on success
+                removed.append(f"{tool}: nat POSTROUTING jump to {CHAIN}")
             if _run([tool, "-w", "-t", "nat", "-F", CHAIN], check=False) is not None:
                 _run([tool, "-w", "-t", "nat", "-X", CHAIN], check=False)
+                removed.append(f"{tool}: nat chain {CHAIN}")
+        return removed
 
     def sysctl(self, name: str, value: int) -> None:
         path = _SYSCTL + name
@@ -632,6 +731,52 @@ def _run(cmd: list[str], *, stdin: str | None = None, check: bool = True) -> str
     return None
 
 
+def _raw_service(a: netlink.Attrs) -> KernelService:
+    """A dumped service nest (raw attributes) as data, without its dests."""
+    af = netlink.u16(a.get(netlink.SVC_AF, b""))
+    netmask = a.get(netlink.SVC_NETMASK)
+    key = VsKey(
+        af=af,
+        protocol=netlink.u16(a.get(netlink.SVC_PROTOCOL, b"")),
+        addr=netlink.inet(af, a[netlink.SVC_ADDR]),
+        port=netlink.be16(a.get(netlink.SVC_PORT, b"")),
+    )
+    settings = VsSettings(
+        sched=a.get(netlink.SVC_SCHED_NAME, b"").rstrip(b"\0").decode(),
+        flags=netlink.flags(a.get(netlink.SVC_FLAGS, b"")) & ~_FLAG_HASHED,
+        timeout=netlink.u32(a.get(netlink.SVC_TIMEOUT, b"")),
+        netmask=netmask_from_wire(af, None if netmask is None else socket.inet_ntoa(netmask)),
+    )
+    return KernelService(key, settings)
+
+
+def _raw_dest(svc_af: int, a: netlink.Attrs) -> KernelDest:
+    """A dumped dest nest (raw attributes) as data."""
+    af = netlink.u16(a.get(netlink.DEST_ADDR_FAMILY, b"")) or svc_af
+    stats = netlink.parse_attrs(a.get(netlink.DEST_STATS64, b""))
+
+    def num(kind: int) -> int:
+        return netlink.u32(a.get(kind, b""))
+
+    server = RealServer(
+        addr=netlink.inet(af, a[netlink.DEST_ADDR]),
+        port=netlink.be16(a.get(netlink.DEST_PORT, b"")),
+        weight=num(netlink.DEST_WEIGHT),
+        u_thresh=num(netlink.DEST_U_THRESH),
+        l_thresh=num(netlink.DEST_L_THRESH),
+        fwd=num(netlink.DEST_FWD_METHOD) & 0x7,
+    )
+    return KernelDest(
+        server=server,
+        active=num(netlink.DEST_ACTIVE),
+        inactive=num(netlink.DEST_INACTIVE),
+        persistent=num(netlink.DEST_PERSIST),
+        conns=netlink.u64(stats.get(netlink.STATS_CONNS, b"")),
+        inbytes=netlink.u64(stats.get(netlink.STATS_INBYTES, b"")),
+        outbytes=netlink.u64(stats.get(netlink.STATS_OUTBYTES, b"")),
+    )
+
+
 # ------------------------------------------------------------------ the sink
 
 
@@ -640,6 +785,15 @@ class _State:
     drains: dict[DrainKey, float] = field(default_factory=dict)
     created: set[VsKey] = field(default_factory=set)
     names: dict[VsKey, str] = field(default_factory=dict)
+    # What the last apply left in the kernel, for applies that trust it (None: unknown).
+    cache: dict[VsKey, KernelService] | None = None
+    specs: dict[str, ServiceSpec] = field(default_factory=dict)
+    desired: dict[str, tuple[Desired, ...]] = field(default_factory=dict)
+    vips: set[str] | None = None
+
+
+Counters = dict[str, dict[str, dict[str, dict[str, int]]]]
+_COUNTER_KEYS = ("active", "inactive", "persistent", "conns", "inbytes", "outbytes")
 
 
 class IpvsSink:
@@ -684,14 +838,25 @@ class IpvsSink:
         """Raise :class:`IpvsUnavailable` saying why IPVS cannot be used here."""
         self._call(self._check)
 
-    def apply(self, specs: Mapping[str, ServiceSpec]) -> dict[str, str]:
-        """Reconcile the kernel to ``specs``; returns {service name: error} for failures."""
-        result: dict[str, str] = self._call(self._apply, dict(specs))
+    def apply(
+        self, specs: Mapping[str, ServiceSpec], *, trust_cache: bool = False
+    ) -> dict[str, str]:
+        """Reconcile the kernel to ``specs``; returns {service name: error} for failures.
+
+        By default the kernel is dumped and diffed in full, which also repairs drift.
+        With ``trust_cache`` only the services whose spec changed since the last apply
+        are diffed, against what that apply left in the kernel: the cost of an endpoint
+        change is then independent of how many services there are. Run a full apply
+        now and then to repair changes made behind the sink's back.
+        """
+        result: dict[str, str] = self._call(self._apply, dict(specs), trust_cache)
         return result
 
-    async def apply_async(self, specs: Mapping[str, ServiceSpec]) -> dict[str, str]:
+    async def apply_async(
+        self, specs: Mapping[str, ServiceSpec], *, trust_cache: bool = False
+    ) -> dict[str, str]:
         """:meth:`apply` for a coroutine: the netlink work stays on the sink's thread."""
-        result: dict[str, str] = await self._call_async(self._apply, dict(specs))
+        result: dict[str, str] = await self._call_async(self._apply, dict(specs), trust_cache)
         return result
 
     @property
@@ -699,15 +864,26 @@ class IpvsSink:
         """True while removed destinations wait for their connections: apply again later."""
         return bool(self._state.drains)
 
-    def counters(self) -> dict[str, dict[str, dict[str, int]]]:
-        """{service name: {"addr:port": {weight, active, inactive, persistent, conns,
-        inbytes, outbytes}}} for the services this sink programs, from the kernel."""
-        result: dict[str, dict[str, dict[str, int]]] = self._call(self._counters)
+    def counters(self) -> Counters:
+        """The kernel's counters of the services this sink programs, by service name:
+
+        ``{"backends": {"addr:port": {weight, active, inactive, persistent, conns,
+        inbytes, outbytes}}, "vips": {"vip:port": {the same without weight}}}``, where a
+        backend's numbers are summed over the service's VIPs.
+        """
+        result: Counters = self._call(self._counters)
         return result
 
-    def cleanup(self) -> None:
-        """Remove every service, VIP address, interface and rule this sink owns."""
-        self._call(self._cleanup)
+    async def counters_async(self) -> Counters:
+        """:meth:`counters` for a coroutine."""
+        result: Counters = await self._call_async(self._counters)
+        return result
+
+    def cleanup(self) -> list[str]:
+        """Remove every service, VIP address, interface and rule this sink owns; returns
+        one line per thing removed."""
+        result: list[str] = self._call(self._cleanup)
+        return result
 
     def close(self) -> None:
         """Release the netlink sockets and stop the thread (kernel state stays)."""
@@ -733,102 +909,220 @@ class IpvsSink:
                 )
         self._kernel()
 
-    def _apply(self, specs: dict[str, ServiceSpec]) -> dict[str, str]:
+    def _translate(
+        self, specs: dict[str, ServiceSpec], errors: dict[str, str]
+    ) -> tuple[dict[str, tuple[Desired, ...]], set[str]]:
+        """Desired services by name, and the names whose spec changed since last time."""
+        st = self._state
+        out: dict[str, tuple[Desired, ...]] = {}
+        changed: set[str] = set()
+        for name, spec in specs.items():
+            prev = st.specs.get(name)
+            if name in st.desired and (prev is spec or prev == spec):
+                out[name] = st.desired[name]
+                continue
+            changed.add(name)
+            try:
+                out[name] = desired_services(spec)
+            except IpvsConfigError as e:
+                errors[name] = str(e)
+        return out, changed
+
+    def _apply(self, specs: dict[str, ServiceSpec], trust_cache: bool) -> dict[str, str]:
         kernel = self._kernel()
         st = self._state
         errors: dict[str, str] = {}
-        desired: list[Desired] = []
-        for name, spec in specs.items():
-            try:
-                desired.append(desired_service(spec))
-            except IpvsConfigError as e:
-                errors[name] = str(e)
+        by_name, changed = self._translate(specs, errors)
+        fast = trust_cache and st.cache is not None
+        if fast and not changed and not st.drains and specs.keys() == st.specs.keys():
+            return errors  # the cache says the kernel is there already
+        desired = [d for ds in by_name.values() for d in ds]
         by_key = {d.key: d for d in desired}
         vips = {d.key.addr for d in desired}
-        kernel.sync_addrs(vips | kernel.link_addrs() if desired else kernel.link_addrs())
-        if desired:
+        if not fast or vips != st.vips:
+            kernel.sync_addrs(vips | kernel.link_addrs() if desired else kernel.link_addrs())
+        if desired and (not fast or changed):
             kernel.sysctl("conntrack", 1)
             kernel.sysctl("expire_nodest_conn", 1)
             kernel.sysctl(
                 "expire_quiescent_template", int(any(s.expire_quiescent for s in specs.values()))
             )
-        current = kernel.dump()
-        on_link = kernel.link_addrs()
-        cmds, st.drains = diff(
-            desired,
-            current,
-            owned=lambda k: k in st.created or k.addr in on_link,
-            drains=st.drains,
-            now=self._clock(),
-        )
+        cache = st.cache if fast else None
+        if cache is not None:
+            # Only what changed, what is draining, and what went away needs a diff.
+            draining = {k for k, _, _ in st.drains}
+            todo = [d for d in desired if d.name in changed or d.key in draining]
+            gone = [k for k in st.names if k not in by_key]
+            current = []
+            for want in todo:
+                have = cache.get(want.key)
+                idents = {r.ident for r in want.dests}
+                if have is not None and any(d.server.ident not in idents for d in have.dests):
+                    draining.add(want.key)  # leaving dests: their real connection counts
+            for key in {d.key for d in todo} | set(gone):
+                have = cache.get(key)
+                if have is not None and key in draining:
+                    dests = kernel.dump_dests(key)
+                    have = None if dests is None else replace(have, dests=dests)
+                    if have is None:
+                        del cache[key]
+                if have is not None:
+                    current.append(have)
+            # Every draining service is in ``todo`` (or gone), so no deadline is lost.
+            cmds, st.drains = diff(
+                todo, current, owned=lambda k: True, drains=st.drains, now=self._clock()
+            )
+        else:
+            dumped = kernel.dump()
+            cache = {s.key: s for s in dumped}
+            on_link = kernel.link_addrs()
+            cmds, st.drains = diff(
+                desired,
+                dumped,
+                owned=lambda k: k in st.created or k.addr in on_link,
+                drains=st.drains,
+                now=self._clock(),
+            )
         failed: set[VsKey] = set()
-        for cmd in cmds:
-            if cmd.key in failed:
-                continue
-            name = by_key[cmd.key].name if cmd.key in by_key else str(cmd.key)
-            try:
-                kernel.execute(cmd)
-            except OSError as e:
-                msg = error_message(cmd, e.errno or 0)
-                if msg is None:
+        trusted = True
+        st.cache = None  # until the commands below are all through
+        # Services first, then every dest command (a service's in order), then deletions:
+        # each phase is one batch, and a service that failed is left out of the next.
+        phases = (
+            [c for c in cmds if c.verb in ("add_service", "set_service")],
+            [c for c in cmds if c.dest is not None],
+            [c for c in cmds if c.verb == "del_service"],
+        )
+        for phase in phases:
+            batch = [c for c in phase if c.key not in failed]
+            codes = kernel.execute_many(batch) if batch else []
+            for cmd, code in zip(batch, codes, strict=True):
+                if cmd.key in failed:
                     continue
-                errors[name] = msg
-                failed.add(cmd.key)
-                log.error("ipvs: %s", msg)
-                continue
-            if cmd.verb == "add_service":
-                st.created.add(cmd.key)
-            elif cmd.verb == "del_service":
-                st.created.discard(cmd.key)
+                if code:
+                    # The kernel was not what the cache said: the next apply dumps it.
+                    trusted = False
+                    msg = error_message(cmd, code)
+                    if msg is None:
+                        continue
+                    errors[by_key[cmd.key].name if cmd.key in by_key else str(cmd.key)] = msg
+                    failed.add(cmd.key)
+                    log.error("ipvs: %s", msg)
+                    continue
+                _simulate(cache, cmd)
+                if cmd.verb == "add_service":
+                    st.created.add(cmd.key)
+                elif cmd.verb == "del_service":
+                    st.created.discard(cmd.key)
         st.names = {d.key: d.name for d in desired}
-        # Addresses go only after their services: traffic to a live VIP is never dropped.
-        kernel.sync_addrs(vips)
-        if self._manage_masq:
-            kernel.sync_masq(vips)
+        st.specs = {n: specs[n] for n in by_name if n not in errors}
+        st.desired = {n: ds for n, ds in by_name.items() if n not in errors}
+        st.cache = cache if trusted else None
+        if not fast or vips != st.vips:
+            # Addresses go only after their services: traffic to a live VIP is never dropped.
+            kernel.sync_addrs(vips)
+            if self._manage_masq:
+                kernel.sync_masq(vips)
+            st.vips = vips
         return errors
 
-    def _counters(self) -> dict[str, dict[str, dict[str, int]]]:
-        out: dict[str, dict[str, dict[str, int]]] = {}
+    def _counters(self) -> Counters:
+        out: Counters = {}
         for svc in self._kernel().dump():
             name = self._state.names.get(svc.key)
             if name is None:
                 continue
-            per = out.setdefault(name, {})
+            per = out.setdefault(name, {"backends": {}, "vips": {}})
+            total = dict.fromkeys(_COUNTER_KEYS, 0)
             for d in svc.dests:
                 s = d.server
                 host = f"[{s.addr}]" if svc.key.af == socket.AF_INET6 else s.addr
-                per[f"{host}:{s.port}"] = {
-                    "weight": s.weight,
-                    "active": d.active,
-                    "inactive": d.inactive,
-                    "persistent": d.persistent,
-                    "conns": d.conns,
-                    "inbytes": d.inbytes,
-                    "outbytes": d.outbytes,
-                }
+                row = per["backends"].setdefault(
+                    f"{host}:{s.port}", {"weight": s.weight, **dict.fromkeys(_COUNTER_KEYS, 0)}
+                )
+                for k in _COUNTER_KEYS:
+                    n = int(getattr(d, k))
+                    row[k] += n
+                    total[k] += n
+            vip = f"[{svc.key.addr}]" if svc.key.af == socket.AF_INET6 else svc.key.addr
+            per["vips"][f"{vip}:{svc.key.port}"] = total
         return out
 
-    def _cleanup(self) -> None:
+    def _cleanup(self) -> list[str]:
         kernel = self._kernel()
         on_link = kernel.link_addrs()
         st = self._state
-        for svc in kernel.dump():
-            if svc.key in st.created or svc.key.addr in on_link:
-                cmd = Command("del_service", svc.key)
-                try:
-                    kernel.execute(cmd)
-                except OSError as e:
-                    if error_message(cmd, e.errno or 0) is not None:
-                        raise
+        removed = []
+        cmds = [
+            Command("del_service", svc.key)
+            for svc in kernel.dump()
+            if svc.key in st.created or svc.key.addr in on_link
+        ]
+        for cmd, code in zip(cmds, kernel.execute_many(cmds) if cmds else [], strict=True):
+            msg = error_message(cmd, code) if code else None
+            if msg is not None:
+                raise NetlinkError(code, msg)
+            removed.append(f"virtual service {cmd.key}")
         st.created.clear()
         st.drains.clear()
         st.names.clear()
-        kernel.remove_link()
+        st.specs.clear()
+        st.desired.clear()
+        st.cache = None
+        st.vips = None
+        if kernel.remove_link():
+            removed.append(f"interface {LINK} with its addresses")
         if self._manage_masq:
-            kernel.remove_masq()
+            removed += kernel.remove_masq()
+        return removed
 
     def _close(self) -> None:
         k: Kernel | None = getattr(self._local, "kernel", None)
         if k is not None:
             k.close()
             self._local.kernel = None
+
+
+def _simulate(cache: dict[VsKey, KernelService], cmd: Command) -> None:
+    """Apply ``cmd`` to the cached kernel state as the kernel does (new dests at the head)."""
+    svc = cache.get(cmd.key)
+    if cmd.verb == "add_service":
+        assert cmd.settings is not None
+        cache[cmd.key] = KernelService(cmd.key, cmd.settings)
+        return
+    if svc is None:
+        return
+    if cmd.verb == "del_service":
+        del cache[cmd.key]
+    elif cmd.verb == "set_service":
+        assert cmd.settings is not None
+        cache[cmd.key] = replace(svc, settings=cmd.settings)
+    else:
+        assert cmd.dest is not None
+        ident = cmd.dest.ident
+        rest = tuple(d for d in svc.dests if d.server.ident != ident)
+        if cmd.verb == "add_dest":
+            cache[cmd.key] = replace(svc, dests=(KernelDest(cmd.dest), *rest))
+        elif cmd.verb == "set_dest":
+            cache[cmd.key] = replace(
+                svc,
+                dests=tuple(
+                    replace(d, server=cmd.dest) if d.server.ident == ident else d for d in svc.dests
+                ),
+            )
+        else:
+            cache[cmd.key] = replace(svc, dests=rest)
+
+
+def cleanup_kernel() -> list[str]:
+    """``l4lb cleanup``: remove every virtual service on l4lb's interface addresses, the
+    interface itself and l4lb's masquerade chain; one line per thing removed.
+
+    Raises :class:`IpvsUnavailable` when this kernel has no IPVS (or we are not root).
+    """
+    sink = IpvsSink()
+    try:
+        sink.check_available()
+        return sink.cleanup()
+    finally:
+        sink.close()

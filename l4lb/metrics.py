@@ -62,6 +62,11 @@ _SERVICE_COUNTERS = (
         "rejected",
         "Connections the service refused.",
     ),
+    (
+        "l4lb_service_limit_rejected_total",
+        "limit_rejected",
+        "Connections refused because the service was at its max_connections.",
+    ),
     ("l4lb_service_bytes_in_total", "bytes_in", "Bytes received from clients of the service."),
     ("l4lb_service_bytes_out_total", "bytes_out", "Bytes sent to clients of the service."),
 )
@@ -126,6 +131,16 @@ def _service_families(services: list[Snapshot]) -> Iterator[Metric]:
         for service in services:
             family.add_metric([service["name"]], service[key])
         yield family
+    # vip="other": connections to an address that is none of the service's VIPs.
+    vips = CounterMetricFamily(
+        "l4lb_vip_connections_total",
+        "Connections accepted per VIP the client dialled.",
+        labels=["service", "vip"],
+    )
+    for service in services:
+        for vip, total in service.get("vip_connections", {}).items():
+            vips.add_metric([service["name"], vip], total)
+    yield vips
 
 
 def _backend_families(services: list[Snapshot]) -> Iterator[Metric]:

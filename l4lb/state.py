@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +29,7 @@ __all__ = [
     "Override",
     "ServicePlan",
     "ServiceSpec",
+    "desired_specs",
     "desired_state",
     "listeners",
     "plan",
@@ -183,6 +184,24 @@ def desired_state(
     return {
         svc.name: _service_spec(svc, cfg.dataplane.drain_timeout, overrides, health)
         for svc in cfg.services
+    }
+
+
+def desired_specs(
+    cfg: Config,
+    names: Iterable[str],
+    overrides: Mapping[tuple[str, str], Override] | None = None,
+    health: Mapping[tuple[str, str], Health] | None = None,
+) -> dict[str, ServiceSpec]:
+    """:func:`desired_state` for only the services called ``names``; names that ``cfg``
+    does not have are left out."""
+    overrides = overrides or {}
+    health = health or {}
+    drain = cfg.dataplane.drain_timeout
+    return {
+        svc.name: _service_spec(svc, drain, overrides, health)
+        for name in names
+        if (svc := cfg.get(name)) is not None
     }
 
 

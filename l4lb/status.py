@@ -96,8 +96,9 @@ _STATS_COLUMNS = (("Conns", "total"), ("InBytes", "bytes_in"), ("OutBytes", "byt
 def render_table(doc: Mapping[str, Any], *, stats: bool = True) -> str:
     """Render a services document as a plain-text table in the style of ``ipvsadm -Ln``.
 
-    One line per service (protocol, listen address, scheduler, persistence), then one
-    line per backend in the order given, with ``DRAIN``/``DOWN`` after the columns.
+    One line per service (protocol, listen address, scheduler, persistence; for an
+    offloaded service one per VIP with the kernel's totals), then one line per backend
+    in the order given, with ``DRAIN``/``DOWN`` after the columns.
     ``stats`` adds connection and byte totals. When any backend is health checked, a
     ``LastCheck`` column shows what its last check found ("-" before the first one or
     for an unchecked backend). The result ends with a newline.
@@ -108,7 +109,7 @@ def render_table(doc: Mapping[str, Any], *, stats: bool = True) -> str:
     # Service lines stay free text; backend rows share one set of column widths.
     entries: list[str | tuple[list[str], str, str]] = []
     for service in doc["services"]:
-        entries.append(_service_line(service))
+        entries.extend(_service_lines(service))
         for backend in service["backends"]:
             cells = [f"  -> {backend['address']}", *(str(backend[key]) for _, key in columns)]
             entries.append((cells, _last_check(backend), _markers(backend)))
@@ -143,13 +144,28 @@ def _last_check(backend: Mapping[str, Any]) -> str:
     return str(last["detail"]) if last else "-"
 
 
-def _service_line(service: Mapping[str, Any]) -> str:
-    line = f"{str(service['protocol']).upper()}  {service['listen']} {service['scheduler']}"
-    timeout = float(service["affinity_timeout"])
-    if timeout > 0:
-        shown = str(int(timeout)) if timeout.is_integer() else str(timeout)
-        line += f" persistent {shown}"
-    return line
+def _service_lines(service: Mapping[str, Any]) -> list[str]:
+    """One line per virtual service: an offloaded service has one per VIP, each marked
+    ``offload`` and followed by the kernel's totals for that VIP."""
+    offload = service.get("mode") == "offload"
+    vips = list(service.get("vips") or []) if offload else []
+    lines = []
+    for where in vips or [service["listen"]]:
+        line = f"{str(service['protocol']).upper()}  {where} {service['scheduler']}"
+        timeout = float(service["affinity_timeout"])
+        if timeout > 0:
+            shown = str(int(timeout)) if timeout.is_integer() else str(timeout)
+            line += f" persistent {shown}"
+        if offload:
+            line += " offload"
+            totals = (service.get("kernel_vips") or {}).get(where)
+            if totals:
+                line += (
+                    f"  Conns {totals['total']} InBytes {totals['bytes_in']}"
+                    f" OutBytes {totals['bytes_out']}"
+                )
+        lines.append(line)
+    return lines
 
 
 def _format_row(

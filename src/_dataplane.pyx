@@ -15,8 +15,9 @@ never calls back.  What crosses:
    :meth:`dest_del`), each applied under the service's lock.  Destinations
    live in slots with stable ids chosen by Python, so counters survive
    list changes.
+   A service's VIP list (:meth:`service_vips`) is published as a whole.
 4. Counters flow back as plain tuples (:meth:`service_stats`,
-   :meth:`slot_stats`, :meth:`worker_stats`).
+   :meth:`slot_stats`, :meth:`vip_stats`, :meth:`worker_stats`).
 5. Errors: every C function returns a negative errno, raised here as OSError.
 """
 
@@ -24,10 +25,13 @@ import errno as _errno
 import os as _os
 import socket as _socket
 
-from libc.stdint cimport uint8_t, uint32_t
-from libc.stdlib cimport free, malloc
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc
 
 include "includes/l4lb.pxi"
+
+
+_PROXY_VERSIONS = {None: 0, "v1": 1, "v2": 2}
 
 
 cdef inline int _check(int rc, str what) except -1:
@@ -157,13 +161,25 @@ cdef class Dataplane:
     def service_configure(self, int svc_id, str scheduler, *, int flags=0,
                           double persist_timeout=0.0, int netmask4=32, int netmask6=128,
                           bint expire_quiescent=False, double connect_timeout=3.0,
-                          double idle_timeout=900.0, int retries=-1):
+                          double idle_timeout=900.0, int retries=-1, send_proxy=None,
+                          long long max_connections=0):
         """Create or reconfigure service ``svc_id`` (IPVS semantics: the same
-        scheduler keeps its state, a different one starts afresh)."""
-        cdef l4_service *svc = self._service(svc_id, True)
+        scheduler keeps its state, a different one starts afresh).
+
+        ``send_proxy`` ("v1", "v2" or None) prefixes every backend connection
+        with a PROXY protocol header; ``max_connections`` (0 = unlimited)
+        caps the service's active client connections over all workers."""
+        cdef l4_service *svc
         cdef bytes name = scheduler.encode()
+        cdef uint8_t proxy
         if not 0 <= netmask4 <= 32 or not 0 <= netmask6 <= 128:
             raise ValueError("netmask out of range")
+        if send_proxy not in _PROXY_VERSIONS:
+            raise ValueError(f"send_proxy must be 'v1', 'v2' or None, got {send_proxy!r}")
+        if not 0 <= max_connections <= 0xFFFFFFFF:
+            raise ValueError(f"max_connections out of range: {max_connections}")
+        proxy = _PROXY_VERSIONS[send_proxy]
+        svc = self._service(svc_id, True)
         rc = l4_service_configure(svc, name, <uint32_t>flags,
                                   <uint32_t>(persist_timeout * 1000), <uint8_t>netmask4,
                                   <uint8_t>netmask6, expire_quiescent)
@@ -173,6 +189,35 @@ cdef class Dataplane:
         svc.connect_timeout_ms = <uint32_t>max(1.0, connect_timeout * 1000)
         svc.idle_timeout_ms = <uint32_t>max(1.0, idle_timeout * 1000)
         svc.retries = retries
+        _check(l4_service_set_limits(svc, proxy, <uint32_t>max_connections), "service_configure")
+
+    def service_vips(self, int svc_id, vips):
+        """Publish the service's VIPs, ``[(family, packed address, port), ...]``;
+        connections are counted per VIP from now on (an empty list stops it)."""
+        cdef l4_service *svc = self._service(svc_id)
+        cdef list items = list(vips)
+        cdef uint32_t n = len(items), i, j
+        cdef l4_vip *buf
+        cdef bytes packed
+        if n > L4_MAX_VIPS:
+            raise ValueError(f"at most {L4_MAX_VIPS} VIPs per service, got {n}")
+        buf = <l4_vip *>calloc(max(n, 1), sizeof(l4_vip))
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                family, packed, port = items[i]
+                if (family, len(packed)) not in ((_socket.AF_INET, 4), (_socket.AF_INET6, 16)):
+                    raise ValueError(f"VIP {i}: bad family {family} or address length")
+                if not 0 <= port <= 65535:
+                    raise ValueError(f"VIP {i}: port out of range: {port}")
+                buf[i].family = <uint8_t>family
+                buf[i].port = <uint16_t>port
+                for j in range(len(packed)):
+                    buf[i].addr[j] = packed[j]
+            _check(l4_service_set_vips(svc, buf, n), "service_vips")
+        finally:
+            free(buf)
 
     def service_clear(self, int svc_id):
         """Delete every destination of the service and mark it unused."""
@@ -216,10 +261,27 @@ cdef class Dataplane:
     # ----------------------------------------------------------- counters
 
     def service_stats(self, int svc_id):
-        """(accepted, active, rejected, failed, templates) of one service."""
+        """(accepted, active, rejected, failed, templates, limit_rejected) of one
+        service; accepted includes the connections refused."""
         cdef l4_service *svc = self._service(svc_id)
         templates = l4_persist_count(svc.persist) if svc.persist != NULL else 0
-        return (svc.accepted, svc.active, svc.rejected, svc.failed, templates)
+        return (svc.accepted, svc.active, svc.rejected, svc.failed, templates,
+                svc.limit_rejected)
+
+    def vip_stats(self, int svc_id):
+        """([connections per VIP, in :meth:`service_vips` order], other) of one
+        service: "other" counts connections to an address not in the list."""
+        cdef l4_service *svc = self._service(svc_id)
+        cdef uint64_t other = 0
+        cdef int n = l4_service_vip_stats(svc, NULL, 0, &other), i
+        cdef uint64_t *buf = <uint64_t *>malloc(max(n, 1) * sizeof(uint64_t))
+        if buf == NULL:
+            raise MemoryError()
+        try:
+            n = min(n, l4_service_vip_stats(svc, buf, n, &other))
+            return [buf[i] for i in range(n)], other
+        finally:
+            free(buf)
 
     def slot_stats(self, int slot_id):
         """(active, inactive, conns, bytes_in, bytes_out, connect_errors,
@@ -250,4 +312,5 @@ cdef class Dataplane:
         return tuple(totals)
 
 
+include "probe.pxi"
 include "testhelper.pxi"

@@ -69,6 +69,9 @@ struct l4_dp *l4_dp_new(uint32_t nworkers, uint32_t max_services, uint32_t max_s
 	dp->max_services = max_services;
 	dp->max_slots = max_slots;
 	dp->pipe_size = pipe_size;
+	/* Copy buffers carry small exchanges only: a read that fills one moves the
+	 * direction to a pipe, so they need not grow with the pipes. */
+	dp->buf_size = pipe_size < L4_BUF_MAX ? pipe_size : L4_BUF_MAX;
 	dp->max_pipes = max_pipes;
 	dp->inactive_ms = inactive_ms;
 	dp->reset_inactive_ms = reset_inactive_ms;
@@ -103,6 +106,7 @@ void l4_dp_free(struct l4_dp *dp)
 		if (svc->sched && svc->sched->done)
 			svc->sched->done(svc);
 		l4_persist_free(svc->persist);
+		l4_service_free_vips(svc);
 		free(svc->dests);
 		pthread_mutex_destroy(&svc->lock);
 		free(svc);

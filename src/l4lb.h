@@ -22,6 +22,11 @@ void l4_service_init(struct l4_service *svc, uint32_t id);
 int l4_service_configure(struct l4_service *svc, const char *sched, uint32_t flags,
 			 uint32_t persist_timeout_ms, uint8_t netmask4, uint8_t netmask6,
 			 uint8_t expire_quiescent);
+/* Connection settings read by workers (no lock): the PROXY protocol version
+ * sent to backends (0 = none, 1, 2) and the most active client connections
+ * over all workers (0 = unlimited; more are reset at once and counted in
+ * limit_rejected).  -EINVAL for another version. */
+int l4_service_set_limits(struct l4_service *svc, uint8_t send_proxy, uint32_t max_conns);
 /* Zero the cumulative counters of a service id about to be reused (only
  * once nothing refers to its previous life: no connection, no template). */
 void l4_service_reset_counters(struct l4_service *svc);
@@ -50,6 +55,29 @@ void l4_slot_deactivate(struct l4_slot *slot);
  * hysteresis) and its template loses a controlled connection. */
 void l4_service_unbind(struct l4_service *svc, struct l4_slot *slot, struct l4_tmpl *tmpl,
 		       uint64_t now_ms);
+
+/* ---- per-VIP counters (vip_counters.c) ---- */
+/* Publish the service's VIP list (n = 0: none).  A VIP also in the previous
+ * list keeps its count.  -E2BIG beyond L4_MAX_VIPS, -EAFNOSUPPORT for a
+ * family other than AF_INET/AF_INET6. */
+int l4_service_set_vips(struct l4_service *svc, const struct l4_vip *list, uint32_t n);
+/* Count a new connection on the VIP ctx's destination matches, else as
+ * "other"; nothing when the service has no VIP list.  Lock-free. */
+void l4_service_count_vip(struct l4_service *svc, const struct l4_pick_ctx *ctx);
+/* Copy up to max VIP totals in list order and the "other" count; returns
+ * the number of VIPs. */
+int l4_service_vip_stats(struct l4_service *svc, uint64_t *out, uint32_t max, uint64_t *other);
+void l4_service_reset_vip_counters(struct l4_service *svc);
+/* Free every VIP table (only with the data plane). */
+void l4_service_free_vips(struct l4_service *svc);
+
+/* ---- PROXY protocol (proxy.c) ---- */
+/* Longest header l4_proxy_header writes (v1 TCP6 with two full addresses). */
+#define L4_PROXY_MAX 108
+/* Write the version 1 or 2 header for ctx's connection (client -> the
+ * address it dialled) to buf; returns its length, 0 if cap is too small or
+ * the version unknown. */
+size_t l4_proxy_header(int version, const struct l4_pick_ctx *ctx, uint8_t *buf, size_t cap);
 
 /* ---- persistence templates (persist.c); called with the service lock held ---- */
 struct l4_persist *l4_persist_new(void);
@@ -90,6 +118,10 @@ int l4_worker_command(struct l4_worker *w, int op, int fd, uint32_t svc_id);
 /* Internal to the worker thread (worker.c), shared with udp.c. */
 void l4_timer_set(struct l4_worker *w, struct l4_conn *c, uint64_t deadline);
 void l4_conn_close(struct l4_worker *w, struct l4_conn *c, int reset);
+/* Count a new client in svc->active unless the service is at max_conns:
+ * then count it in limit_rejected instead and return 0. */
+int l4_conn_admit(struct l4_service *svc);
+/* Put an admitted connection on the worker's list (counts it accepted). */
 void l4_conn_link(struct l4_worker *w, struct l4_conn *c);
 
 /* ---- UDP flows (udp.c), worker thread only ---- */

@@ -24,7 +24,7 @@ static struct l4_pipe *pool_pop(struct l4_pipe **head, uint32_t *n)
 static struct l4_pipe *new_buffer(struct l4_worker *w, struct l4_pipe *p)
 {
 	p->rfd = p->wfd = -1;
-	p->buf = malloc(w->dp->pipe_size);
+	p->buf = malloc(w->dp->buf_size);
 	if (p->buf == NULL) {
 		free(p);
 		return NULL;
@@ -61,9 +61,19 @@ struct l4_pipe *l4_pipe_get(struct l4_worker *w, int splice)
 		atomic_fetch_add_explicit(&w->splice_fallbacks, 1, memory_order_relaxed);
 		goto out;
 	}
-	/* Best effort: the pipe keeps the default size if the limit says no. */
+	/* Best effort: the pipe keeps the default size if the limit says no.  An
+	 * unprivileged user over fs.pipe-user-pages-soft gets 2-page pipes, which
+	 * would cost more syscalls than copying: use a buffer instead. */
 	if (w->dp->pipe_size != 65536)
 		(void)fcntl(fds[0], F_SETPIPE_SZ, (int)w->dp->pipe_size);
+	if (fcntl(fds[0], F_GETPIPE_SZ) < (int)w->dp->buf_size) {
+		close(fds[0]);
+		close(fds[1]);
+		if (new_buffer(w, p) == NULL)
+			return NULL;
+		atomic_fetch_add_explicit(&w->splice_fallbacks, 1, memory_order_relaxed);
+		goto out;
+	}
 	p->rfd = fds[0];
 	p->wfd = fds[1];
 out:

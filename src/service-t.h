@@ -73,6 +73,25 @@ struct l4_sched_ops {
 	struct l4_slot *(*pick)(struct l4_service *svc, const struct l4_pick_ctx *ctx);
 };
 
+/* One virtual address a service answers for, with its connection count. */
+struct l4_vip {
+	uint8_t family;                 /* AF_INET or AF_INET6 */
+	uint16_t port;                  /* host order */
+	uint8_t addr[16];               /* network order (IPv4: first 4 bytes) */
+	_Atomic uint64_t total;         /* connections that dialled it */
+};
+
+/* A service's VIP list.  Immutable once published except for the counters;
+ * a replaced table is kept (on `retired`) until the data plane is freed, so
+ * a worker still scanning it never touches freed memory. */
+struct l4_vip_table {
+	uint32_t n;
+	struct l4_vip_table *retired;
+	struct l4_vip v[];
+};
+
+#define L4_MAX_VIPS 4096
+
 struct l4_service {
 	uint32_t id;
 	pthread_mutex_t lock;
@@ -93,11 +112,18 @@ struct l4_service {
 	_Atomic uint32_t connect_timeout_ms;
 	_Atomic uint32_t idle_timeout_ms;
 	_Atomic int32_t retries;        /* -1 = every other dest once */
+	_Atomic uint8_t send_proxy;     /* PROXY protocol version to send (0 = none) */
+	_Atomic uint32_t max_conns;     /* active client connections allowed (0 = any) */
+	_Atomic(struct l4_vip_table *) vips;    /* NULL = no VIP list */
+	struct l4_vip_table *vips_retired;      /* lock: replaced tables */
 	/* Counters. */
 	_Atomic uint64_t accepted;
 	_Atomic int64_t active;         /* client connections open */
 	_Atomic uint64_t rejected;      /* refused: no dest available */
 	_Atomic uint64_t failed;        /* every connect attempt failed */
+	_Atomic uint64_t limit_rejected; /* refused at max_conns (UDP: datagrams that
+					  * would have started a flow) */
+	_Atomic uint64_t vip_other;     /* connections to no address in `vips` */
 };
 
 /* A dest can take new connections (weight 0 = quiesced). */

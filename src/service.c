@@ -90,6 +90,15 @@ out:
 	return rc;
 }
 
+int l4_service_set_limits(struct l4_service *svc, uint8_t send_proxy, uint32_t max_conns)
+{
+	if (send_proxy > 2)
+		return -EINVAL;
+	atomic_store_explicit(&svc->send_proxy, send_proxy, memory_order_relaxed);
+	atomic_store_explicit(&svc->max_conns, max_conns, memory_order_relaxed);
+	return 0;
+}
+
 /* §2: thresholds changed on add/edit. */
 static void thresholds_changed(struct l4_slot *d)
 {
@@ -210,6 +219,8 @@ void l4_service_reset_counters(struct l4_service *svc)
 	atomic_store(&svc->accepted, 0);
 	atomic_store(&svc->rejected, 0);
 	atomic_store(&svc->failed, 0);
+	atomic_store(&svc->limit_rejected, 0);
+	l4_service_reset_vip_counters(svc);
 }
 
 void l4_service_clear(struct l4_service *svc)

@@ -15,6 +15,9 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 
 cdef extern from "l4lb.h" nogil:
+    cdef int L4_PROXY_MAX
+    size_t l4_proxy_header(int version, const l4_pick_ctx *ctx, uint8_t *buf,
+                           size_t cap) noexcept
     void l4_persist_expire(l4_service *svc, uint64_t now_ms) noexcept
     uint32_t l4_hash_32(uint32_t v, unsigned bits) noexcept
     uint32_t l4_addr_key(uint8_t family, const uint8_t *a) noexcept
@@ -146,6 +149,18 @@ def _testhelper_addr_key(str ip) -> int:
     cdef uint8_t a[16]
     cdef int family = _testhelper_addr(ip, a)
     return l4_addr_key(<uint8_t>family, a)
+
+
+def _testhelper_proxy_header(int version, str client_ip, int client_port, str dest_ip="",
+                             int dest_port=0) -> bytes:
+    """The PROXY protocol header a worker sends for this connection (b"" if none);
+    ``dest_ip`` "" stands for a destination that could not be read."""
+    cdef l4_pick_ctx ctx
+    cdef uint8_t buf[256]
+    cdef size_t n
+    _testhelper_ctx(&ctx, client_ip, client_port, dest_ip, dest_port)
+    n = l4_proxy_header(version, &ctx, buf, L4_PROXY_MAX)
+    return bytes(buf[:n])
 
 
 def _bench_pick(Dataplane dp, int svc_id, int n, bint vary_client=False) -> float:

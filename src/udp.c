@@ -232,8 +232,15 @@ static struct l4_conn *flow_new(struct l4_worker *w, struct l4_service *svc, int
 	struct epoll_event ev;
 	int fd;
 
+	/* Each flow counts against max_conns; a datagram over the limit is
+	 * dropped (the client retries, as over a lossy path). */
+	if (!l4_conn_admit(svc)) {
+		free(c);
+		return NULL;
+	}
 	if (c == NULL || (c->udp = malloc(sizeof(*c->udp))) == NULL) {
 		free(c);
+		atomic_fetch_sub_explicit(&svc->active, 1, memory_order_relaxed);
 		return NULL;
 	}
 	*c->udp = *local;
@@ -269,11 +276,13 @@ static struct l4_conn *flow_new(struct l4_worker *w, struct l4_service *svc, int
 		goto fail;
 	}
 	c->bfd = fd;
+	l4_service_count_vip(svc, ctx);
 	l4_conn_link(w, c);
 	l4_timer_set(w, c, w->now_ms + atomic_load_explicit(&svc->idle_timeout_ms,
 							    memory_order_relaxed));
 	return c;
 fail:
+	atomic_fetch_sub_explicit(&svc->active, 1, memory_order_relaxed);
 	free(c->udp);
 	free(c);
 	return NULL;

@@ -8,6 +8,9 @@
 
 #include "service-t.h"
 
+/* The largest copy buffer: the size of a default pipe. */
+#define L4_BUF_MAX 65536u
+
 /* A splice pipe.  `data` is what we put in and have not taken out yet. */
 struct l4_pipe {
 	int rfd, wfd;                   /* -1 for a copy buffer */
@@ -150,7 +153,8 @@ struct l4_dp {
 	_Atomic(struct l4_service *) *services;
 	_Atomic(struct l4_slot *) *slots;
 	pthread_mutex_t alloc_lock;
-	uint32_t pipe_size;
+	uint32_t pipe_size;             /* bytes a splice pipe holds */
+	uint32_t buf_size;              /* bytes a copy buffer holds (<= pipe_size) */
 	uint32_t max_pipes;             /* per worker free-list cap */
 	uint32_t inactive_ms, reset_inactive_ms;
 	int use_splice;

@@ -8,14 +8,21 @@
  * the connection's flags and cleared only when a syscall says EAGAIN.
  *
  * Rules:
- * 1. A pipe never holds more than dp->pipe_size bytes, and we read from a
- *    socket only into a pipe with room: that is the backpressure, and the
- *    only buffering there is.
+ * 1. A pipe never holds more than dp->pipe_size bytes (a copy buffer
+ *    dp->buf_size), and we read from a socket only into a pipe with room:
+ *    that is the backpressure, and the only buffering there is.
  * 2. A connection closed while handling one batch of events is parked on
  *    the dead list and freed after the batch, so later events of the same
  *    batch never touch freed memory.
  * 3. IPVS accounting (service.c) sees: bind at schedule time, deactivate at
  *    the first FIN or RST, unbind when the inactive time is over (ghosts).
+ * 4. A service's max_conns is checked against its active count with one
+ *    atomic add at accept, so the limit holds over all workers.
+ * 5. With send_proxy, the PROXY header (proxy.c) is written to each backend
+ *    socket once its connect has completed, before any client byte.  It is
+ *    at most L4_PROXY_MAX bytes and the socket's send buffer is empty, so it
+ *    goes out whole; a failed or short write counts as a failed connect to
+ *    that backend and the next one is tried (nothing is kept for later).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -331,6 +338,26 @@ static void start_connect(struct l4_worker *w, struct l4_conn *c)
 	conn_refuse(w, c);
 }
 
+/* The PROXY header, if the service sends one: 0 when written whole (or
+ * none is due), -1 when the backend did not take all of it at once. */
+static int send_proxy_header(struct l4_conn *c)
+{
+	uint8_t hdr[L4_PROXY_MAX];
+	int version = atomic_load_explicit(&c->svc->send_proxy, memory_order_relaxed);
+	size_t len;
+	ssize_t n;
+
+	if (version == 0)
+		return 0;
+	len = l4_proxy_header(version, &c->ctx, hdr, sizeof(hdr));
+	if (len == 0)
+		return -1;
+	do
+		n = send(c->bfd, hdr, len, MSG_NOSIGNAL);
+	while (n < 0 && errno == EINTR);
+	return n == (ssize_t)len ? 0 : -1;
+}
+
 /* The backend connect ended (or timed out: err = ETIMEDOUT). */
 static void connect_done(struct l4_worker *w, struct l4_conn *c, int err)
 {
@@ -339,7 +366,8 @@ static void connect_done(struct l4_worker *w, struct l4_conn *c, int err)
 		if (getsockopt(c->bfd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
 			err = errno;
 	}
-	if (err != 0) {
+	/* A backend that cannot take the PROXY header whole counts as a failed connect. */
+	if (err != 0 || send_proxy_header(c) < 0) {
 		note_connect_failure(c->slot);
 		close(c->bfd);
 		c->bfd = -1;
@@ -362,7 +390,7 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 		    uint32_t spliced, _Atomic uint64_t *bytes)
 {
 	struct l4_pipe *p = *pp;
-	uint32_t size = w->dp->pipe_size;
+	uint32_t size = p && p->buf ? w->dp->buf_size : w->dp->pipe_size;
 	int progress = 0;
 	ssize_t n;
 
@@ -393,6 +421,7 @@ static int pump_dir(struct l4_worker *w, struct l4_conn *c, int src, int dst,
 			p = *pp = l4_pipe_get(w, (c->flags & spliced) != 0);
 			if (p == NULL)
 				return -ENOMEM;
+			size = p->buf ? w->dp->buf_size : w->dp->pipe_size;
 		}
 		/* A buffer fills up to its end; what was written out is reused
 		 * once it is empty. */
@@ -558,16 +587,38 @@ void l4_conn_link(struct l4_worker *w, struct l4_conn *c)
 		w->conns->prev = c;
 	w->conns = c;
 	atomic_fetch_add_explicit(&c->svc->accepted, 1, memory_order_relaxed);
-	atomic_fetch_add_explicit(&c->svc->active, 1, memory_order_relaxed);
 	atomic_fetch_add_explicit(&w->nconns, 1, memory_order_relaxed);
+}
+
+int l4_conn_admit(struct l4_service *svc)
+{
+	uint32_t max = atomic_load_explicit(&svc->max_conns, memory_order_relaxed);
+	int64_t before = atomic_fetch_add_explicit(&svc->active, 1, memory_order_relaxed);
+
+	if (max != 0 && before >= (int64_t)max) {
+		atomic_fetch_sub_explicit(&svc->active, 1, memory_order_relaxed);
+		atomic_fetch_add_explicit(&svc->limit_rejected, 1, memory_order_relaxed);
+		return 0;
+	}
+	return 1;
 }
 
 static void new_conn(struct l4_worker *w, struct l4_service *svc, int fd,
 		     const struct sockaddr_storage *peer)
 {
-	struct l4_conn *c = calloc(1, sizeof(*c));
+	struct l4_conn *c;
 
+	if (!l4_conn_admit(svc)) {
+		/* At its limit: refuse like the all-down path, before spending
+		 * memory or syscalls on the connection.  It was accepted all the
+		 * same, as a refused one is. */
+		atomic_fetch_add_explicit(&svc->accepted, 1, memory_order_relaxed);
+		close_fd(fd, 1);
+		return;
+	}
+	c = calloc(1, sizeof(*c));
 	if (c == NULL) {
+		atomic_fetch_sub_explicit(&svc->active, 1, memory_order_relaxed);
 		close_fd(fd, 1);
 		atomic_fetch_add_explicit(&w->accept_errors, 1, memory_order_relaxed);
 		return;
@@ -578,11 +629,16 @@ static void new_conn(struct l4_worker *w, struct l4_service *svc, int fd,
 	c->state = L4_ST_CONNECTING;
 	c->flags = 0;
 	pick_ctx_from(&c->ctx, peer, 0);
-	if (svc->needs_daddr) {
+	/* Only dh, the PROXY header and per-VIP counters need the address the
+	 * client dialled: spare the syscalls otherwise. */
+	if (svc->needs_daddr || atomic_load_explicit(&svc->send_proxy, memory_order_relaxed) ||
+	    atomic_load_explicit(&svc->vips, memory_order_relaxed) != NULL) {
 		struct sockaddr_storage d;
 		memset(&d, 0, sizeof(d));
 		original_dst(fd, peer->ss_family, &d);
-		pick_ctx_from(&c->ctx, &d, 1);
+		if (d.ss_family == AF_INET || d.ss_family == AF_INET6)
+			pick_ctx_from(&c->ctx, &d, 1);
+		l4_service_count_vip(svc, &c->ctx);
 	}
 	l4_conn_link(w, c);
 	set_nodelay(fd);

@@ -28,6 +28,7 @@ is dropped and one :class:`ObjectError` says why.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -181,11 +182,25 @@ def _port(obj: object, what: str, *, required: bool = True) -> int | None:
     return obj
 
 
-def _ip(text: object, what: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _parse_ip(text: str) -> _IP:
+    """``ipaddress.ip_address`` with a fast path for IPv4 and a cache: a sync parses every
+    endpoint address, and between syncs almost all of them are the same strings."""
+    try:
+        # inet_pton accepts exactly the dotted quads ip_address does (no leading zeros).
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except OSError:
+        return ipaddress.ip_address(text)
+
+
+def _ip(text: object, what: str) -> _IP:
     if not isinstance(text, str):
         raise _Bad(f"{what} must be a string, got {type(text).__name__}")
     try:
-        ip = ipaddress.ip_address(text)
+        ip = _parse_ip(text)
     except ValueError:
         raise _Bad(f"{what} {text!r} is not a valid IP address") from None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
@@ -323,7 +338,7 @@ def _merge(endpoints: Iterable[_Endpoint], pkey: tuple[str, str]) -> list[_Endpo
         old = best.get((ep.ip, port))
         if old is None or ep.rank() > old.rank():
             best[(ep.ip, port)] = ep
-    order = sorted(best, key=lambda k: (ipaddress.ip_address(k[0]), k[1]))
+    order = sorted(best, key=lambda k: (_parse_ip(k[0]), k[1]))
     return [best[k] for k in order]
 
 
@@ -353,7 +368,9 @@ class _Tuning:
     sh_port: bool
 
 
-def _tuning(annotations: Mapping[str, Any], default_scheduler: str) -> _Tuning:
+def _tuning(
+    annotations: Mapping[str, Any], default_scheduler: str, schedulers: frozenset[str]
+) -> _Tuning:
     def get(name: str) -> str | None:
         value = annotations.get(ANNOTATION_PREFIX + name)
         if value is None:
@@ -379,8 +396,8 @@ def _tuning(annotations: Mapping[str, Any], default_scheduler: str) -> _Tuning:
         return int(value)
 
     scheduler = get("scheduler") or default_scheduler
-    if scheduler not in SCHEDULERS:
-        known = ", ".join(sorted(SCHEDULERS))
+    if scheduler not in schedulers:
+        known = ", ".join(sorted(schedulers))
         raise _Bad(f"annotation {ANNOTATION_PREFIX}scheduler: unknown {scheduler!r} ({known})")
     return _Tuning(
         scheduler=scheduler,
@@ -427,14 +444,16 @@ def translate_service(
     node: NodeInfo,
     *,
     default_scheduler: str = "rr",
+    schedulers: frozenset[str] = SCHEDULERS,
 ) -> Translation:
-    """Translate one Service and the EndpointSlices that belong to it."""
+    """Translate one Service and the EndpointSlices that belong to it; ``schedulers`` are
+    the ones an annotation may choose (offload mode allows the kernel's)."""
     errors: list[ObjectError] = []
     key = _object_key(service)
     try:
         if not isinstance(service, Mapping):
             raise _Bad(f"object must be an object, got {type(service).__name__}")
-        out = _service(service, list(slices), node, default_scheduler, errors)
+        out = _service(service, list(slices), node, default_scheduler, schedulers, errors)
     except _Bad as e:
         errors.append(ObjectError("Service", key, str(e)))
         out = []
@@ -446,6 +465,7 @@ def _service(
     slices: list[Mapping[str, Any]],
     node: NodeInfo,
     default_scheduler: str,
+    schedulers: frozenset[str],
     errors: list[ObjectError],
 ) -> list[KubeVirtualService]:
     ns, name, labels, annotations = _metadata(service)
@@ -463,7 +483,7 @@ def _service(
         return []
     raw_ips = _list(spec.get("clusterIPs"), "spec.clusterIPs") or [cluster_ip]
     cluster_ips = [_ip(ip, f"spec.clusterIPs[{i}]") for i, ip in enumerate(raw_ips)]
-    tuning = _tuning(annotations, default_scheduler)
+    tuning = _tuning(annotations, default_scheduler, schedulers)
     affinity = _affinity(spec)
     internal_local = _policy(spec, "internalTrafficPolicy")
     external_local = _policy(spec, "externalTrafficPolicy")
@@ -524,7 +544,13 @@ def _service(
             local = [e for e in eps if node.name and e.node == node.name]
             usable_local = _usable(local)
             cluster = (use_topology and _topology(eps, node.zone)) or _usable(eps)
-
+            backends = _backends(usable_local if internal_local else cluster, pkey, fam)
+            # Mostly both policies pick the same endpoints: one tuple then serves both.
+            external_backends = (
+                backends
+                if internal_local == external_local
+                else _backends(usable_local if external_local else cluster, pkey, fam)
+            )
             out.append(
                 KubeVirtualService(
                     name=name_,
@@ -541,10 +567,8 @@ def _service(
                     affinity_netmask6=tuning.affinity_netmask6,
                     sh_fallback=tuning.sh_fallback,
                     sh_port=tuning.sh_port,
-                    backends=_backends(usable_local if internal_local else cluster, pkey, fam),
-                    external_backends=_backends(
-                        usable_local if external_local else cluster, pkey, fam
-                    ),
+                    backends=backends,
+                    external_backends=external_backends,
                 )
             )
     return out
@@ -584,6 +608,7 @@ def translate(
     node: NodeInfo,
     *,
     default_scheduler: str = "rr",
+    schedulers: frozenset[str] = SCHEDULERS,
 ) -> Translation:
     """Translate a whole snapshot; output is sorted by name, errors in input order."""
     by_service: dict[str, list[Mapping[str, Any]]] = {}
@@ -603,7 +628,11 @@ def translate(
     out: list[KubeVirtualService] = []
     for svc in services:
         result = translate_service(
-            svc, by_service.get(_object_key(svc), ()), node, default_scheduler=default_scheduler
+            svc,
+            by_service.get(_object_key(svc), ()),
+            node,
+            default_scheduler=default_scheduler,
+            schedulers=schedulers,
         )
         out.extend(result.services)
         errors.extend(result.errors)

@@ -23,13 +23,13 @@ import asyncio
 import dataclasses
 import logging
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from l4lb.k8s.client import ENDPOINT_SLICES, SERVICES, Gone, KubeClient, KubeError, Resource
-from l4lb.k8s.translate import ObjectError
+from l4lb.k8s.translate import ObjectError, slice_service_key
 
 __all__ = ["Backoff", "ChangeSignal", "Discovery", "ErrorLog", "Watcher", "object_key"]
 
@@ -60,16 +60,32 @@ class Backoff:
 
 
 class ChangeSignal:
-    """A coalescing "something changed" flag shared by watchers and awaited by a reconciler."""
+    """A coalescing "something changed" flag shared by watchers and awaited by a reconciler.
+
+    It also gathers which Services the changes concern (``namespace/name`` keys), so that a
+    reconciler can redo only those; a change that names none (a relist, the node) stands
+    for every Service.
+    """
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
         self.generation = 0
+        self._touched: set[str] | None = set()
 
-    def notify(self) -> None:
-        """Record a change; wakes a waiter once however often it is called."""
+    def notify(self, keys: Iterable[str] | None = None) -> None:
+        """Record a change of the Services ``keys`` (None: of any); wakes a waiter once
+        however often it is called."""
+        if keys is None:
+            self._touched = None
+        elif self._touched is not None:
+            self._touched.update(keys)
         self.generation += 1
         self._event.set()
+
+    def take_touched(self) -> set[str] | None:
+        """The Service keys changed since the last call (None: any may have); clears them."""
+        touched, self._touched = self._touched, set()
+        return touched
 
     async def wait(self) -> int:
         """Wait for at least one change since the last wait; return the generation."""
@@ -114,9 +130,14 @@ class Watcher:
         changed: ChangeSignal | None = None,
         backoff: Backoff | None = None,
         watch_timeout: int = 300,
+        owner: Callable[[Mapping[str, Any]], str | None] | None = None,
     ) -> None:
+        """``owner`` maps an object to the Service key it belongs to (default: its own key);
+        objects are also kept grouped by it, in :attr:`by_owner`."""
         self._client = client
         self.resource = resource
+        self._owner = owner
+        self._by_owner: dict[str, dict[str, dict[str, Any]]] = {}
         self.changed = changed if changed is not None else ChangeSignal()
         self._backoff = backoff if backoff is not None else Backoff()
         self._watch_timeout = watch_timeout
@@ -131,6 +152,32 @@ class Watcher:
     def objects(self) -> Mapping[str, dict[str, Any]]:
         """Read-only view of the latest objects keyed by ``namespace/name``."""
         return MappingProxyType(self._store)
+
+    def by_owner(self, owner: str) -> list[dict[str, Any]]:
+        """The objects that belong to the Service ``owner`` (needs an ``owner`` function)."""
+        return list(self._by_owner.get(owner, {}).values())
+
+    def _owner_of(self, key: str, obj: Mapping[str, Any]) -> str | None:
+        return key if self._owner is None else self._owner(obj)
+
+    def _index(self, key: str, old: Mapping[str, Any] | None, new: dict[str, Any] | None) -> None:
+        if self._owner is None:
+            return
+        if old is not None and (was := self._owner(old)) is not None:
+            group = self._by_owner.get(was)
+            if group is not None:
+                group.pop(key, None)
+                if not group:
+                    del self._by_owner[was]
+        if new is not None and (now := self._owner(new)) is not None:
+            self._by_owner.setdefault(now, {})[key] = new
+
+    def _notify_owners(
+        self, key: str, old: Mapping[str, Any] | None, new: Mapping[str, Any] | None
+    ) -> None:
+        owners = {self._owner_of(key, o) for o in (old, new) if o is not None}
+        # An object of no Service is reported by a full pass.
+        self.changed.notify(None if None in owners else [o for o in owners if o is not None])
 
     async def run(self) -> None:
         """List and watch forever; cancel the task to stop."""
@@ -179,6 +226,9 @@ class Watcher:
         self.resource_version = result.resource_version
         if first or fresh != self._store:
             self._store = fresh
+            self._by_owner = {}
+            for key, obj in fresh.items():
+                self._index(key, None, obj)
             self.changed.notify()
         self.synced.set()
 
@@ -205,11 +255,14 @@ class Watcher:
             log.warning("%s watch: skipping a %s event without name", self.resource.kind, kind)
             return
         if kind == "DELETED":
-            if self._store.pop(key, None) is not None:
-                self.changed.notify()
-        elif self._store.get(key) != _slim(obj):
+            old = self._store.pop(key, None)
+            if old is not None:
+                self._index(key, old, None)
+                self._notify_owners(key, old, None)
+        elif (old := self._store.get(key)) != _slim(obj):
             self._store[key] = obj
-            self.changed.notify()
+            self._index(key, old, obj)
+            self._notify_owners(key, old, obj)
 
 
 class Discovery:
@@ -221,8 +274,9 @@ class Discovery:
         *,
         backoff: Backoff | None = None,
         watch_timeout: int = 300,
+        changed: ChangeSignal | None = None,
     ) -> None:
-        self.changed = ChangeSignal()
+        self.changed = changed if changed is not None else ChangeSignal()
         self.services, self.slices = (
             Watcher(
                 client,
@@ -230,8 +284,9 @@ class Discovery:
                 changed=self.changed,
                 backoff=_fresh_backoff(backoff),
                 watch_timeout=watch_timeout,
+                owner=owner,
             )
-            for resource in (SERVICES, ENDPOINT_SLICES)
+            for resource, owner in ((SERVICES, None), (ENDPOINT_SLICES, slice_service_key))
         )
 
     async def run(self) -> None:

@@ -50,6 +50,14 @@ cdef extern from "l4lb.h" nogil:
         uint64_t connect_errors
         uint32_t consec_failures
 
+    cdef int L4_MAX_VIPS
+
+    cdef struct l4_vip:
+        uint8_t family
+        uint16_t port
+        uint8_t addr[16]
+        uint64_t total
+
     cdef struct l4_service:
         uint32_t id
         uint8_t in_use
@@ -63,6 +71,7 @@ cdef extern from "l4lb.h" nogil:
         int64_t active
         uint64_t rejected
         uint64_t failed
+        uint64_t limit_rejected
 
     cdef struct l4_worker:
         int64_t nconns
@@ -83,6 +92,10 @@ cdef extern from "l4lb.h" nogil:
     int l4_service_configure(l4_service *svc, const char *sched, uint32_t flags,
                              uint32_t persist_timeout_ms, uint8_t netmask4, uint8_t netmask6,
                              uint8_t expire_quiescent) noexcept
+    int l4_service_set_limits(l4_service *svc, uint8_t send_proxy, uint32_t max_conns) noexcept
+    int l4_service_set_vips(l4_service *svc, const l4_vip *list, uint32_t n) noexcept
+    int l4_service_vip_stats(l4_service *svc, uint64_t *out, uint32_t max,
+                             uint64_t *other) noexcept
     void l4_service_clear(l4_service *svc) noexcept
     void l4_service_reset_counters(l4_service *svc) noexcept
     int l4_dest_add(l4_service *svc, l4_slot *slot, int32_t weight, uint32_t u,

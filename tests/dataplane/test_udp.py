@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -71,10 +72,22 @@ idle_timeout = {idle}
     return dp
 
 
-def _ask(addr: tuple[str, int], payload: bytes, *, source: str = "127.0.0.1") -> bytes:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as c:
-        c.bind((source, 0))
-        c.settimeout(5)
+def _client(source: str = "127.0.0.1") -> socket.socket:
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.bind((source, 0))
+    c.settimeout(5)
+    return c
+
+
+def _ask(
+    addr: tuple[str, int],
+    payload: bytes,
+    *,
+    source: str = "127.0.0.1",
+    sock: socket.socket | None = None,
+) -> bytes:
+    with contextlib.ExitStack() as stack:
+        c = sock if sock is not None else stack.enter_context(_client(source))
         c.sendto(payload, addr)
         data, peer = c.recvfrom(65536)
         assert peer == addr  # the reply comes from the address we sent to
@@ -86,7 +99,14 @@ def test_each_client_gets_its_own_flow_balanced_rr(udp_backends):
     try:
         la = dp.listen_address("dns")
         addr = (la.host, la.port)
-        names = [_ask(addr, f"q{i}".encode()).split(b":")[0].decode() for i in range(30)]
+        # Every client keeps its socket (its port) until the end: a closed port could be
+        # handed out again and would then reuse the earlier client's flow.
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(_client()) for _ in range(30)]
+            names = [
+                _ask(addr, f"q{i}".encode(), sock=c).split(b":")[0].decode()
+                for i, c in enumerate(clients)
+            ]
         assert Counter(names) == {"b0": 10, "b1": 10, "b2": 10}
         assert names[:3] == ["b2", "b1", "b0"]  # IPVS order: newest first
         assert dp.service_stats("dns").active == 30  # one flow per client port

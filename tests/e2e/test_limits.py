@@ -8,6 +8,7 @@ import resource
 import select
 import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -119,3 +120,105 @@ def test_fd_exhaustion_backs_off_and_recovers(l4lb, named_backends):
     assert errors and float(errors[0].split()[-1]) > 0, errors
     wait_for(lambda: lb.service("web")["active"] == 0, 20)
     assert connect_name(addr) == "b0"
+
+
+def _two_services(web: str, api: str, max_connections: int) -> dict[str, Any]:
+    return {
+        "admin": {"listen": "127.0.0.1:0"},
+        "dataplane": {"workers": 2},
+        "services": [
+            {
+                "name": "web",
+                "listen": "127.0.0.1:0",
+                "max_connections": max_connections,
+                "backends": [{"address": web}],
+            },
+            {"name": "api", "listen": "127.0.0.1:0", "backends": [{"address": api}]},
+        ],
+    }
+
+
+def _assert_reset(address: str) -> None:
+    """The connection is accepted, then reset at once: no greeting from the backend (the
+    timeout only bounds a wrong outcome). On loopback the reset may already surface in
+    connect()."""
+    with pytest.raises(ConnectionResetError), connect(address, timeout=5) as s:
+        while s.recv(100):
+            pass
+
+
+def _try_name(address: str) -> tuple[socket.socket, str] | None:
+    try:
+        return open_name(address)
+    except ConnectionError:  # reset by the limit
+        return None
+
+
+def _limit_sample(metrics: str, service: str) -> float | None:
+    prefix = f'l4lb_service_limit_rejected_total{{service="{service}"}}'
+    for line in metrics.splitlines():
+        if line.startswith(prefix):
+            return float(line.split()[-1])
+    return None
+
+
+def test_max_connections_refuses_at_the_limit_and_counts_it(l4lb, named_backends):
+    b0, b1 = named_backends(2)
+    lb = l4lb(_two_services(b0.address, b1.address, 3))
+    web, api = lb.service_address("web"), lb.service_address("api")
+    held = [open_name(web)[0] for _ in range(3)]  # over both workers: the limit is global
+    try:
+        for _ in range(4):
+            _assert_reset(web)
+        svc = lb.service("web")
+        assert svc["limit_rejected"] == 4 and svc["active"] == 3
+        assert svc["rejected"] == 0 and svc["failed"] == 0
+        assert b0.accepted == 3  # refused clients never reached the backend
+        # The other service is not limited by web's limit.
+        others = [open_name(api) for _ in range(5)]
+        assert [name for _, name in others] == ["b1"] * 5
+        for s, _ in others:
+            s.close()
+        assert lb.service("api")["limit_rejected"] == 0
+        metrics = lb.http_get("/metrics")[1].decode()
+        assert _limit_sample(metrics, "web") == 4.0
+        assert _limit_sample(metrics, "api") == 0.0
+        # Closing some makes room again.
+        for s in held[:2]:
+            s.close()
+        wait_for(lambda: lb.service("web")["active"] == 1, 10)
+        again = [open_name(web) for _ in range(2)]
+        assert [name for _, name in again] == ["b0", "b0"]
+        held += [s for s, _ in again]
+        _assert_reset(web)
+        assert lb.service("web")["limit_rejected"] == 5
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_max_connections_can_be_changed_by_a_reload(l4lb, named_backends):
+    b0, b1 = named_backends(2)
+    lb = l4lb(_two_services(b0.address, b1.address, 1))
+    web = lb.service_address("web")
+    held = [open_name(web)[0]]
+    try:
+        _assert_reset(web)
+        lb.reload(_two_services(b0.address, b1.address, 0))  # 0: unlimited
+        # The API does not show the limit: wait until a second connection gets through.
+        refused: list[None] = []
+
+        def attempt() -> tuple[socket.socket, str] | None:
+            got = _try_name(web)
+            if got is None:
+                refused.append(None)
+            return got
+
+        first = wait_for(attempt, 10, interval=0.1)
+        more = [first, *(open_name(web) for _ in range(4))]
+        held += [s for s, _ in more]
+        assert [name for _, name in more] == ["b0"] * 5
+        assert lb.service("web")["limit_rejected"] == 1 + len(refused)
+    finally:
+        for s in held:
+            s.close()

@@ -64,19 +64,24 @@ class FakeApiServer:
         self.fail_next: list[int] = []  # HTTP statuses for the next requests, in order
         self.requests: list[Request] = []
         self.port = 0
+        self.host = "127.0.0.1"
+        self.nodes: dict[str, dict[str, Any]] = {}  # name -> Node, served by GET only
         self._watches: set[_Watch] = set()
         self._runner: web.AppRunner | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
-        """Serve on 127.0.0.1; the first start picks a free port, restarts reuse it."""
+    async def start(self, host: str | None = None) -> None:
+        """Serve on ``host`` (127.0.0.1); the first start picks a free port, restarts reuse it."""
+        if host is not None:
+            self.host = host
         app = web.Application()
         for kind, path in PATHS.items():
             app.router.add_get(path, self._handler(kind))
+        app.router.add_get("/api/v1/nodes/{name}", self._get_node)
         self._runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
         self.port = self._runner.addresses[0][1]
 
@@ -89,7 +94,8 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
 
     def write_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig pointing at this server with a bearer token (JSON is valid YAML)."""
@@ -189,6 +195,19 @@ class FakeApiServer:
             return self._list(kind, request)
 
         return handle
+
+    async def _get_node(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        self.requests.append(
+            Request("Node", False, dict(request.query), request.headers.get("Authorization"))
+        )
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._status(401, "Unauthorized", "no or wrong token")
+        node = self.nodes.get(name)
+        if node is None:
+            return self._status(404, "NotFound", f'nodes "{name}" not found')
+        body = {"kind": "Node", "apiVersion": "v1", **node}
+        return web.Response(body=orjson.dumps(body), content_type="application/json")
 
     @staticmethod
     def _status(code: int, reason: str, message: str) -> web.Response:

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 GUEST = Path(__file__).resolve().parent / "guest"
 VNG_VENV = Path(os.environ.get("L4LB_VNG_VENV", "/opt/vng"))
 KERNEL_DIR = Path(os.environ.get("L4LB_KERNEL_DIR", "/opt/l4lb-kernel"))
-BOOT_TIMEOUT = 900
+BOOT_TIMEOUT = 3600
 
 
 def _vng() -> str | None:
@@ -83,11 +83,17 @@ def vm() -> Iterator[VmRun]:
     if missing:
         pytest.skip(missing)
     # Not under pytest's basetemp: concurrent sessions prune each other's old numbered dirs.
-    outdir = Path(tempfile.mkdtemp(prefix="l4lb-kernel-vm-"))
+    # L4LB_KERNEL_OUT keeps the guest's results and logs there for reading afterwards.
+    keep = os.environ.get("L4LB_KERNEL_OUT")
+    outdir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="l4lb-kernel-vm-"))
+    outdir.mkdir(parents=True, exist_ok=True)
+    for old in outdir.glob("*"):
+        old.unlink()  # a stale "done" must not pass for this boot's
     try:
         yield _boot(outdir)
     finally:
-        shutil.rmtree(outdir, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(outdir, ignore_errors=True)
 
 
 def _boot(outdir: Path) -> VmRun:

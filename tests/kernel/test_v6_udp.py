@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 # The first test also waits for the one VM boot that the whole batch shares.
-pytestmark = pytest.mark.timeout(1200)
+pytestmark = pytest.mark.timeout(3600)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ routes its service range; the node's default route points back at the client, so
 node itself sends to a VIP has a route before the OUTPUT hook rewrites it. The addresses exist
 only inside these namespaces, which are deleted (and every process started in them killed)
 even when a test fails. Tests skip when not root or when namespaces cannot be created.
+The ``backends`` fixture adds two backend namespaces behind ``node`` (see below).
 """
 
 from __future__ import annotations
@@ -112,3 +113,85 @@ def topology(netns_available: None) -> Iterator[Topology]:
             proc.communicate(timeout=10)
         for ns in reversed(made):
             ns.delete()
+
+
+# --------------------------------------------------------------------------- backends
+
+# Each backend namespace hangs off its own veth from ``node``:
+#     node eth<i+1> 10.232.<i>.1/24  <-veth->  b<i> eth0 10.232.<i>.2/24
+# A backend answers TCP with its name (then closes) and UDP with "<name>:<datagram>".
+BACKEND_SERVER = r"""
+import json, select, socket, sys, time
+name = sys.argv[1].encode()
+t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+t.bind(("0.0.0.0", int(sys.argv[2])))
+t.listen(1024)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.bind(("0.0.0.0", int(sys.argv[3])))
+print(json.dumps({"tcp": t.getsockname()[1], "udp": u.getsockname()[1]}), flush=True)
+deadline = time.monotonic() + 600
+while time.monotonic() < deadline:
+    ready, _, _ = select.select([t, u], [], [], 1.0)
+    if t in ready:
+        c, _ = t.accept()
+        try:
+            c.sendall(name)
+        except OSError:  # a health check that resets at once
+            pass
+        c.close()
+    if u in ready:
+        data, peer = u.recvfrom(2048)
+        u.sendto(name + b":" + data, peer)
+"""
+
+
+@dataclass
+class Backend:
+    """One backend namespace and its echo server (restartable on the same ports)."""
+
+    name: str
+    ns: Netns
+    address: str
+    tcp: int = 0
+    udp: int = 0
+    proc: subprocess.Popen[str] | None = None
+
+    def start(self, topology: Topology) -> None:
+        """Start the echo server (on the ports it had before, if it ran already)."""
+        self.proc, ports = topology.spawn_json(
+            self.ns, BACKEND_SERVER, self.name, str(self.tcp), str(self.udp)
+        )
+        self.tcp, self.udp = ports["tcp"], ports["udp"]
+
+    def stop(self) -> None:
+        """Kill the echo server: its ports then answer RST / ICMP port unreachable."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+        self.proc = None
+
+
+@pytest.fixture
+def backends(topology: Topology) -> Iterator[list[Backend]]:
+    """Two backend namespaces, b0 and b1, reachable from ``node`` and listening on the same
+    ports; torn down afterwards."""
+    made: list[Backend] = []
+    try:
+        for i in range(2):
+            ns = Netns.create(f"b{i}")
+            b = Backend(f"b{i}", ns, f"10.232.{i}.2")
+            made.append(b)
+            veth_pair(topology.node, f"eth{i + 1}", ns, "eth0")
+            add_address(topology.node, f"eth{i + 1}", f"10.232.{i}.1/24")
+            add_address(ns, "eth0", f"{b.address}/24")
+            if made[0] is not b:
+                # Each backend has a namespace of its own, so b0's ports are free in b1:
+                # one health-check port then fits all backends.
+                b.tcp, b.udp = made[0].tcp, made[0].udp
+            b.start(topology)
+        yield made
+    finally:
+        for b in made:
+            b.stop()
+            b.ns.delete()

@@ -647,6 +647,50 @@ async def test_monitor_passive_off(serve: Any) -> None:
     assert seen == []
 
 
+async def test_monitor_over_budget_defers_checks_instead_of_dropping_them(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no time budget at all, every tick starts one submit batch and leaves the rest
+    for the next tick: every backend is still checked."""
+    import l4lb.health as health
+
+    monkeypatch.setattr(health, "_SUBMIT_BATCH", 2)
+    port = await serve(http_reply(200))
+    results: dict[str, list[CheckResult]] = {}
+    mon = HealthMonitor(lambda t: None, rng=random.Random(2), budget=0.0)
+    # Twenty services on one backend each, all first due within the same few ticks.
+    cfg = parse_config(
+        {
+            "services": [
+                {
+                    "name": f"s{i}",
+                    "listen": "127.0.0.1:0",
+                    "backends": [{"address": f"127.0.0.1:{port}"}],
+                    "health": {"interval": 0.02, "timeout": 0.02},
+                }
+                for i in range(20)
+            ]
+        },
+        source="t.toml",
+    )
+    mon.update(cfg)
+    mon.start()
+    try:
+
+        def checked() -> bool:
+            for i in range(20):
+                h = mon.get(f"s{i}", f"127.0.0.1:{port}")
+                assert h is not None
+                if h.last_check is not None:
+                    results.setdefault(f"s{i}", []).append(h.last_check)
+            return len(results) == 20
+
+        await wait_until(checked)
+    finally:
+        await mon.close()
+    assert all(r[-1].ok and r[-1].detail == "connect ok" for r in results.values())
+
+
 async def test_monitor_ramp_delay_with_a_clock(refused_port: int) -> None:
     now = [1000.0]
     mon = HealthMonitor(lambda t: None, clock=lambda: now[0])

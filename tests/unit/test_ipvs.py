@@ -72,8 +72,11 @@ class FakeKernel:
         self.log: list[Command] = []
         self.schedulers = schedulers
         self.active: dict[tuple[VsKey, str, int], int] = {}
+        self.dumps = 0
+        self.dest_dumps = 0
 
     def dump(self) -> list[KernelService]:
+        self.dumps += 1
         out = []
         for s in self.services.values():
             dests = tuple(
@@ -81,6 +84,24 @@ class FakeKernel:
             )
             out.append(replace(s, dests=dests))
         return out
+
+    def dump_dests(self, key: VsKey) -> tuple[KernelDest, ...] | None:
+        self.dest_dumps += 1
+        self.dumps -= 1  # one service's dests are not a full dump
+        for s in self.dump():
+            if s.key == key:
+                return s.dests
+        return None
+
+    def execute_many(self, cmds: list[Command]) -> list[int]:
+        codes = []
+        for cmd in cmds:
+            try:
+                self.execute(cmd)
+                codes.append(0)
+            except OSError as e:
+                codes.append(e.errno or 0)
+        return codes
 
     def execute(self, cmd: Command) -> None:
         self.log.append(cmd)
@@ -126,15 +147,17 @@ class FakeKernel:
             self.link = True
         self.addrs = set(addrs)
 
-    def remove_link(self) -> None:
-        self.link = False
+    def remove_link(self) -> bool:
+        had, self.link = self.link, False
         self.addrs.clear()
+        return had
 
     def sync_masq(self, vips: set[str]) -> None:
         self.masq = set(vips)
 
-    def remove_masq(self) -> None:
-        self.masq = None
+    def remove_masq(self) -> list[str]:
+        had, self.masq = self.masq, None
+        return [] if had is None else ["iptables: nat chain L4LB-IPVS-MASQ"]
 
     def sysctl(self, name: str, value: int) -> None:
         self.sysctls[name] = value
@@ -599,10 +622,10 @@ def test_sink_expire_quiescent_sysctl_follows_specs(sink, kernel):
 def test_sink_counters_by_name(sink, kernel):
     sink.apply({"web": spec()})
     kernel.active[(KEY, "10.2.0.1", 8080)] = 4
-    c = sink.counters()
-    assert c["web"]["10.2.0.1:8080"]["active"] == 4
-    assert c["web"]["10.2.0.2:8080"]["weight"] == 1
-    assert set(c["web"]["10.2.0.1:8080"]) == {
+    c = sink.counters()["web"]["backends"]
+    assert c["10.2.0.1:8080"]["active"] == 4
+    assert c["10.2.0.2:8080"]["weight"] == 1
+    assert set(c["10.2.0.1:8080"]) == {
         "weight",
         "active",
         "inactive",
@@ -617,7 +640,13 @@ def test_sink_cleanup_removes_only_its_own(sink, kernel):
     foreign = VsKey(socket.AF_INET, TCP, "192.0.2.1", 80)
     kernel.services[foreign] = KernelService(foreign, VsSettings("rr", 0, 0, 32))
     sink.apply({"web": spec(), "v6": spec(name="v6", listen="[fd00::1]:80", backends=())})
-    sink.cleanup()
+    removed = sink.cleanup()
+    assert removed == [
+        "virtual service tcp/10.0.0.1:80",
+        "virtual service tcp/[fd00::1]:80",
+        "interface l4lb-ipvs0 with its addresses",
+        "iptables: nat chain L4LB-IPVS-MASQ",
+    ]
     assert set(kernel.services) == {foreign}
     assert kernel.addrs == set() and not kernel.link
     assert kernel.masq is None
@@ -648,3 +677,136 @@ def test_importing_l4lb_ipvs_does_not_import_pyroute2():
     code = "import sys, l4lb.ipvs; print('pyroute2' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------ several VIPs
+
+
+def multi(**kw: Any) -> ServiceSpec:
+    """A service with an IPv4 and an IPv6 VIP and a backend of each family."""
+    fields: dict[str, Any] = {
+        "backends": (("10.2.0.1:8080", 1), ("[fd02::1]:8080", 2), ("10.2.0.2:8080", 3)),
+        "vips": (Address.parse("10.0.0.1:80"), Address.parse("[fd00::1]:443")),
+    }
+    return spec(**{**fields, **kw})
+
+
+KEY6 = VsKey(socket.AF_INET6, TCP, "fd00::1", 443)
+
+
+def test_desired_services_one_per_vip_with_the_backends_of_its_family():
+    # With vips, listen (here the splicer's wildcard) is not a VIP.
+    wildcard = Address.parse("0.0.0.0:0", allow_port_zero=True)
+    v4, v6 = ipvs.desired_services(replace(multi(), listen=wildcard))
+    assert (v4.key, v6.key) == (KEY, KEY6)
+    assert [(d.addr, d.weight) for d in v4.dests] == [("10.2.0.1", 1), ("10.2.0.2", 3)]
+    assert [(d.addr, d.weight) for d in v6.dests] == [("fd02::1", 2)]
+    assert v6.settings.netmask == 128 and v4.settings.netmask == 32
+
+
+def test_desired_services_rejects_a_backend_no_vip_can_reach():
+    bad = spec(backends=(("[fd02::1]:8080", 1),), vips=(Address.parse("10.0.0.1:80"),))
+    with pytest.raises(IpvsConfigError, match=r"fd02::1.*address family"):
+        ipvs.desired_services(bad)
+
+
+def test_sink_programs_every_vip_udp_too(sink, kernel):
+    assert sink.apply({"dns": multi(protocol="udp")}) == {}
+    keys = {replace(KEY, protocol=UDP), replace(KEY6, protocol=UDP)}
+    assert set(kernel.services) == keys
+    assert kernel.addrs == {"10.0.0.1", "fd00::1"}
+    # Dropping a VIP removes just its virtual service and address.
+    one = multi(
+        protocol="udp", vips=(Address.parse("[fd00::1]:443"),), backends=(("[fd02::1]:8080", 2),)
+    )
+    assert sink.apply({"dns": one}) == {}
+    assert set(kernel.services) == {replace(KEY6, protocol=UDP)}
+    assert kernel.addrs == {"fd00::1"}
+
+
+def test_counters_sum_backends_over_vips_and_total_each_vip(sink, kernel):
+    both = spec(vips=(Address.parse("10.0.0.1:80"), Address.parse("10.0.0.9:80")))
+    sink.apply({"web": both})
+    other = VsKey(socket.AF_INET, TCP, "10.0.0.9", 80)
+    kernel.active[(KEY, "10.2.0.1", 8080)] = 2
+    kernel.active[(other, "10.2.0.1", 8080)] = 3
+    kernel.active[(other, "10.2.0.2", 8080)] = 5
+    c = sink.counters()["web"]
+    assert c["backends"]["10.2.0.1:8080"]["active"] == 5
+    assert c["backends"]["10.2.0.2:8080"]["active"] == 5
+    assert c["vips"]["10.0.0.1:80"]["active"] == 2
+    assert c["vips"]["10.0.0.9:80"]["active"] == 8
+
+
+# ------------------------------------------------------------------ trusting the cache
+
+
+def many(n: int) -> dict[str, ServiceSpec]:
+    return {
+        f"s{i}": spec(name=f"s{i}", listen=f"10.0.{i // 250}.{i % 250 + 1}:80") for i in range(n)
+    }
+
+
+def test_trusted_apply_diffs_only_what_changed_without_dumping(sink, kernel):
+    specs = many(50)
+    sink.apply(specs)
+    kernel.log.clear()
+    dumps = kernel.dumps
+    assert sink.apply(specs, trust_cache=True) == {}
+    assert kernel.log == [] and kernel.dumps == dumps
+    changed = dict(
+        specs, s7=spec(name="s7", listen="10.0.0.8:80", backends=(("10.2.0.1:8080", 4),))
+    )
+    assert sink.apply(changed, trust_cache=True) == {}
+    assert kernel.dumps == dumps
+    key = VsKey(socket.AF_INET, TCP, "10.0.0.8", 80)
+    assert [(c.verb, c.key) for c in kernel.log] == [
+        ("set_dest", key),  # 10.2.0.2 quiesced; idle (its dests were read), so deleted
+        ("del_dest", key),
+        ("set_dest", key),  # 10.2.0.1 to weight 4
+    ]
+    assert [(d.server.addr, d.server.weight) for d in kernel.services[key].dests] == [
+        ("10.2.0.1", 4)
+    ]
+    # A service that leaves is deleted, still without a dump.
+    del changed["s3"]
+    kernel.log.clear()
+    sink.apply(changed, trust_cache=True)
+    assert [c.verb for c in kernel.log] == ["del_service"] and kernel.dumps == dumps
+
+
+def test_trusted_apply_reads_counters_of_draining_services_only(sink, kernel, clock):
+    sink.apply({"web": spec()})
+    kernel.active[(KEY, "10.2.0.2", 8080)] = 1
+    one = spec(backends=(("10.2.0.1:8080", 1),), drain_timeout=10)
+    sink.apply({"web": one})
+    assert sink.draining
+    dumps = kernel.dumps
+    kernel.active[(KEY, "10.2.0.2", 8080)] = 0
+    sink.apply({"web": one}, trust_cache=True)
+    assert not sink.draining
+    assert kernel.dumps == dumps and kernel.dest_dumps == 1
+    assert [d.server.addr for d in kernel.services[KEY].dests] == ["10.2.0.1"]
+
+
+def test_trusted_apply_falls_back_to_a_dump_after_a_surprise(sink, kernel):
+    sink.apply({"web": spec()})
+    del kernel.services[KEY]  # behind the sink's back
+    two = spec(backends=(("10.2.0.1:8080", 2), ("10.2.0.2:8080", 1)))
+    errors = sink.apply({"web": two}, trust_cache=True)
+    assert "does not exist" in errors["web"]
+    # The failed command invalidated the cache: the next trusted apply repairs in full.
+    assert sink.apply({"web": two}, trust_cache=True) == {}
+    assert [(d.server.addr, d.server.weight) for d in kernel.services[KEY].dests] == [
+        ("10.2.0.2", 1),
+        ("10.2.0.1", 2),
+    ]
+
+
+def test_full_apply_repairs_what_a_trusted_one_cannot_see(sink, kernel):
+    sink.apply({"web": spec()})
+    del kernel.services[KEY]
+    sink.apply({"web": spec()}, trust_cache=True)
+    assert KEY not in kernel.services
+    sink.apply({"web": spec()})
+    assert KEY in kernel.services

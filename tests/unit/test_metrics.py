@@ -37,6 +37,7 @@ SNAPSHOT: dict[str, Any] = {
             "bytes_out": 5000,
             "rejected": 4,
             "limit_rejected": 1,
+            "vip_connections": {"10.96.0.10:80": 7, "other": 2},
             "backends": [
                 {
                     "address": "[::1]:9002",
@@ -130,6 +131,7 @@ SERVICE_METRICS = {
     "l4lb_service_connections_active": ("gauge", "active"),
     "l4lb_service_connections_total": ("counter", "total"),
     "l4lb_service_rejected_total": ("counter", "rejected"),
+    "l4lb_service_limit_rejected_total": ("counter", "limit_rejected"),
     "l4lb_service_bytes_in_total": ("counter", "bytes_in"),
     "l4lb_service_bytes_out_total": ("counter", "bytes_out"),
 }
@@ -148,6 +150,7 @@ ALL_NAMES = {
     "l4lb_backend_up",
     "l4lb_backend_health_transitions_total",
     "l4lb_backend_health_check_duration_seconds",
+    "l4lb_vip_connections_total",
     "l4lb_build_info",
 }
 
@@ -291,3 +294,13 @@ def test_global_registry_untouched() -> None:
     render_metrics(SNAPSHOT)
     assert prometheus_client.REGISTRY.get_sample_value("l4lb_workers") is None
     assert b"l4lb_" not in generate_latest(prometheus_client.REGISTRY)
+
+
+def test_vip_connections() -> None:
+    # The second service has no VIPs (no "vip_connections"): it has no samples.
+    samples, types = parse(SNAPSHOT)
+    assert types["l4lb_vip_connections_total"] == "counter"
+    assert by_labels(samples["l4lb_vip_connections_total"]) == {
+        (("service", "web"), ("vip", "10.96.0.10:80")): 7.0,
+        (("service", "web"), ("vip", "other")): 2.0,
+    }

@@ -351,3 +351,18 @@ async def test_bad_replies(reply: Reply, message: str) -> None:
     finally:
         await runner.cleanup()
     assert str(info.value) == message.format(address)
+
+
+def test_offloaded_service_shows_one_line_per_vip_with_kernel_totals():
+    svc = service(
+        "k", "10.0.0.1:80", "tcp", "mh", 0.0, [backend("10.2.0.1:8080", (1, 4, 2, 9, 100, 900))]
+    )
+    svc.update(
+        mode="offload",
+        vips=["10.0.0.1:80", "[fd00::1]:80"],
+        kernel_vips={"10.0.0.1:80": {"total": 9, "bytes_in": 100, "bytes_out": 900}},
+    )
+    lines = render_table({"services": [svc]}).splitlines()
+    assert lines[2] == "TCP  10.0.0.1:80 mh offload  Conns 9 InBytes 100 OutBytes 900"
+    assert lines[3] == "TCP  [fd00::1]:80 mh offload"
+    assert lines[4].split() == ["->", "10.2.0.1:8080", "1", "4", "2", "9", "100", "900"]

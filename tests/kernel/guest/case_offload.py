@@ -32,9 +32,10 @@ class CountingKernel(ipvs._NetlinkKernel):
 
     commands: list[str] = []
 
-    def execute(self, cmd: ipvs.Command) -> None:
-        CountingKernel.commands.append(f"{cmd.verb} {cmd.key} {cmd.dest or cmd.settings}")
-        super().execute(cmd)
+    def execute_many(self, cmds: list[ipvs.Command]) -> list[int]:
+        for cmd in cmds:
+            CountingKernel.commands.append(f"{cmd.verb} {cmd.key} {cmd.dest or cmd.settings}")
+        return super().execute_many(cmds)
 
 
 def make_spec(lab: netlab.Lab, sched: str, weights: dict[str, int], **kw: Any) -> ServiceSpec:

@@ -27,7 +27,7 @@ def main(outdir: str) -> None:
                     [sys.executable, str(case), str(out / f"{case.stem}.json")],
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    timeout=300,
+                    timeout=1800,
                 )
                 rc = r.returncode
             except subprocess.TimeoutExpired:

@@ -1,0 +1,1 @@
+"""Fault injection: real l4lb processes under crashes, floods, loss and exhaustion."""
