@@ -7,8 +7,8 @@ event loop never waits for netlink:
 - a change (reload, admin API, health transition) is applied as soon as the previous
   pass ends, diffing only what changed (``trust_cache``);
 - every ``repair_interval`` seconds (or five times as long as the last one took, with a
-  very large table) a full pass dumps the kernel and repairs drift (a virtual service
-  deleted by hand comes back);
+  very large table, but at least every ``MAX_REPAIR_INTERVAL``) a full pass dumps the
+  kernel and repairs drift (a virtual service deleted by hand comes back);
 - the kernel's counters are read every second (or ten times as long as reading them
   takes) for the admin API;
 - while removed backends drain, a pass every ``drain_poll`` seconds deletes those whose
@@ -42,6 +42,8 @@ log = logging.getLogger("l4lb.offload")
 
 REPAIR_INTERVAL = 5.0
 DRAIN_POLL = 1.0
+#: However slow a full pass is, drift is repaired at least this often.
+MAX_REPAIR_INTERVAL = 60.0
 #: The kernel's counters are read this often (less often when reading them is slow).
 COUNTER_INTERVAL = 1.0
 
@@ -229,7 +231,8 @@ class Offload:
                     # A full pass dumps the whole table: with many services it must not
                     # take more than a fifth of the time.
                     took = loop.time() - started
-                    next_full = loop.time() + max(self._repair_interval, 5 * took)
+                    stretched = min(MAX_REPAIR_INTERVAL, 5 * took)
+                    next_full = loop.time() + max(self._repair_interval, stretched)
                 self._on_result()
             if self._sink is not None and (full or loop.time() >= next_counters):
                 started = loop.time()

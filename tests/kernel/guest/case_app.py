@@ -355,7 +355,13 @@ def main(out: str) -> None:
             }
 
         step("same_choice", twins)
-        step("stats", stats)
+
+        def settled_stats() -> Any:
+            # ipvsadm's totals come from the kernel's estimator, updated every 2 s.
+            netlab.wait_for(lambda: stats().get("TCP 10.0.0.1:80", {}).get("conns") == 6)
+            return stats()
+
+        step("stats", settled_stats)
 
         def api_counters() -> Any:
             # The kernel counters reach the API with the next pass (at most a few seconds).
@@ -466,7 +472,7 @@ def main(out: str) -> None:
         def drift() -> Any:
             netlab.sh("ipvsadm", "-D", "-t", web_vip)
             gone = web_vip not in {s["vip"] for s in netlab.ipvsadm_list()}
-            back = netlab.wait_for(lambda: len(dests_of(web_vip)) == 3, timeout=90)
+            back = netlab.wait_for(lambda: len(dests_of(web_vip)) == 3, timeout=150)
             return {"gone": gone, "back": back}
 
         step("drift", drift)
