@@ -80,5 +80,6 @@ if ENABLED:
 
 else:
 
+    @pytest.mark.kernel_vm
     def test_vm_peer(benchmark: Any) -> None:
         pytest.skip(f"ipvs {NOT_RUN}")

@@ -185,6 +185,7 @@ def main(outdir: str, n: int) -> None:
     (out / "done").write_text("ok")
 
 
+@pytest.mark.kernel_vm
 @pytest.mark.skipif(not ENABLED, reason="not run: needs L4LB_BENCH_VM=1 (kernel VM)")
 def test_offload_programming(benchmark: Any) -> None:
     from benchmarks import _vm

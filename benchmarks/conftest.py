@@ -318,3 +318,16 @@ def measure(benchmark: Any, results: Results, bench_round: int, peer_name: str) 
         return measurement
 
     return run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Smoke runs (``--benchmark-disable``) leave out the kernel-VM benchmarks unless
+    L4LB_BENCH_VM=1: without the VM they could only say that they did not run, and
+    ``tests/kernel`` already runs their guest side in its own boot. Full runs keep them,
+    so the report lists them as not run, with the reason."""
+    if not config.getoption("benchmark_disable", False) or os.environ.get("L4LB_BENCH_VM"):
+        return
+    dropped = [item for item in items if item.get_closest_marker("kernel_vm")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("kernel_vm")]
