@@ -411,6 +411,17 @@ class App:
 
     def snapshot(self) -> dict[str, Any]:
         """Services, backends and counters as plain JSON-able data."""
+        return {
+            **self.process_doc(),
+            "services": [
+                *(self._service_doc(name) for name in self.applied),
+                *(self._service_doc(name) for name in self.offload.applied),
+            ],
+            "failed": dict(self.failed),
+        }
+
+    def process_doc(self) -> dict[str, Any]:
+        """The process-wide part of :meth:`snapshot`: version, uptime, data-plane totals."""
         dp = self.dataplane
         stats = dp.stats() if dp else None
         return {
@@ -425,11 +436,6 @@ class App:
                 "connections_active": stats.connections if stats else 0,
                 "fd_limit": self.fd_limit,
             },
-            "services": [
-                *(self._service_doc(name) for name in self.applied),
-                *(self._service_doc(name) for name in self.offload.applied),
-            ],
-            "failed": dict(self.failed),
         }
 
     def _service_doc(self, name: str) -> dict[str, Any]:

@@ -40,7 +40,6 @@ from aiohttp import web
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
-from l4lb import _version
 from l4lb.config import (
     KERNEL_SCHEDULERS,
     SCHEDULERS,
@@ -387,23 +386,7 @@ def process_snapshot(app: App) -> dict[str, Any]:
     """l4lb's process-wide figures for the metrics address, without the per-service and
     per-backend ones: at cluster scale those are hundreds of thousands of samples (and a
     scrape would hold up programming); they stay on the admin API's /metrics."""
-    dp = app.dataplane
-    stats = dp.stats() if dp is not None else None
-    return {
-        "version": _version.__version__,
-        "uptime": round(time.monotonic() - app.started, 3),
-        "dataplane": {
-            "workers": dp.workers if dp is not None else 0,
-            "pipes_used": stats.pipes_used if stats else 0,
-            "pipes_free": stats.pipes_free if stats else 0,
-            "accept_errors": stats.accept_errors if stats else 0,
-            "emfile_pauses": stats.emfile_pauses if stats else 0,
-            "connections_active": stats.connections if stats else 0,
-            "fd_limit": app.fd_limit,
-        },
-        "services": [],
-        "failed": {},
-    }
+    return {**app.process_doc(), "services": [], "failed": {}}
 
 
 def make_api_client(opts: KubeProxyOptions) -> k8s_client.ApiClient:
