@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from l4lb._testbase import L4lbProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,3 +37,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     want = hard if hard != resource.RLIM_INFINITY else 1 << 20
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+@pytest.fixture
+def l4lb() -> Iterator[Callable[..., L4lbProcess]]:
+    """Factory of started l4lb processes; each is stopped and checked at teardown."""
+    procs: list[L4lbProcess] = []
+
+    def start(config: dict[str, Any] | str, **kw: Any) -> L4lbProcess:
+        p = L4lbProcess(config, **kw)
+        procs.append(p)
+        return p.start()
+
+    yield start
+    for p in procs:
+        p.close()
+        assert "Traceback" not in p.stderr_text(), p.stderr_text()

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from l4lb._testbase import L4lbProcess, NamedServer
+from l4lb._testbase import NamedServer
 
 
 def lb_config(
@@ -40,19 +40,3 @@ def named_backends() -> Iterator[Callable[[int], list[NamedServer]]]:
     yield make
     for s in started:
         s.stop()
-
-
-@pytest.fixture
-def l4lb() -> Iterator[Callable[..., L4lbProcess]]:
-    """Factory of started l4lb processes; each is stopped and checked at teardown."""
-    procs: list[L4lbProcess] = []
-
-    def start(config: dict[str, Any] | str, **kw: Any) -> L4lbProcess:
-        p = L4lbProcess(config, **kw)
-        procs.append(p)
-        return p.start()
-
-    yield start
-    for p in procs:
-        p.close()
-        assert "Traceback" not in p.stderr_text(), p.stderr_text()

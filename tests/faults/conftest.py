@@ -56,22 +56,6 @@ def fault() -> Callable[..., FaultResult]:
 
 
 @pytest.fixture
-def l4lb() -> Iterator[Callable[..., L4lbProcess]]:
-    """Factory of started l4lb processes; each is stopped and checked at teardown."""
-    procs: list[L4lbProcess] = []
-
-    def start(config: dict[str, Any] | str, **kw: Any) -> L4lbProcess:
-        p = L4lbProcess(config, **kw)
-        procs.append(p)
-        return p.start()
-
-    yield start
-    for p in procs:
-        p.close()
-        assert "Traceback" not in p.stderr_text(), p.stderr_text()
-
-
-@pytest.fixture
 def echo() -> Iterator[EchoServer]:
     with EchoServer() as server:
         yield server
